@@ -1,0 +1,44 @@
+# qusd: `make run` and `make test` set everything up themselves on Debian.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CACHE  := .cache
+FOREIGN := $(CACHE)/foreign
+export QUSD_FOREIGN_DIR := $(abspath $(FOREIGN))
+
+.PHONY: all setup test lint run clean
+
+all: test
+
+# Debian packages (qemu-user-static, libsystemd-dev, ...): checked once, then
+# again only when the script changes.
+$(CACHE)/system.stamp: tools/setup-system.sh
+	PYTHON=$(PYTHON) sh tools/setup-system.sh
+	@mkdir -p $(CACHE) && touch $@
+
+$(BIN)/python: | $(CACHE)/system.stamp
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml $(BIN)/python $(CACHE)/system.stamp
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $@
+
+# Debian's busybox-static for each foreign architecture the tests run.
+$(FOREIGN)/.stamp: tools/fetch-foreign.sh
+	sh tools/fetch-foreign.sh $(FOREIGN)
+	@touch $@
+
+setup: $(VENV)/.installed $(FOREIGN)/.stamp
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory lint
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check qusd tests
+	$(BIN)/ruff format --check qusd tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) $(CACHE) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,386 @@
+"""The kernel interface: one binfmt_misc mount, its entries, and the rules
+written to it.
+
+Everything that reaches the kernel passes Rule.encode(), which refuses, before
+any write, whatever the kernel would refuse or misread. Kernel errors become
+QusdErrors that name the cause and the fix. This module is on the boot-restore
+path: it imports nothing heavier than ctypes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from qusd.errors import (
+    EntryExistsError,
+    InterpreterError,
+    InvalidRuleError,
+    KernelError,
+    KernelPermissionError,
+    NoSuchEntryError,
+    NotMountedError,
+)
+
+DEFAULT_PATH = "/proc/sys/fs/binfmt_misc"
+
+FLAG_ORDER = "POCF"
+MAX_RULE_LENGTH = 1920  # MAX_REGISTER_LENGTH in fs/binfmt_misc.c
+BINPRM_BUF_SIZE = 256  # offset + magic length must fit the bytes the kernel reads
+NAME_MAX = 255  # an entry is a file: a longer name could never be opened
+RESERVED_NAMES = frozenset({"register", "status", ".", ".."})
+DELIMITER = ":"
+
+
+def normalize_flags(flags: str) -> str:
+    """Flags as the kernel reports them: in POCF order, once each, C implying O."""
+    present = set(flags)
+    if "C" in present:
+        present.add("O")
+    return "".join(f for f in FLAG_ORDER if f in present)
+
+
+def _check_text(field: str, value: str, *, allow_slash: bool = True) -> bytes:
+    """A rule field as bytes; refuses what would break or bend the rule."""
+    if not value:
+        raise InvalidRuleError(field, "must not be empty")
+    if DELIMITER in value:
+        raise InvalidRuleError(field, f"must not contain {DELIMITER!r}, the rule's delimiter")
+    for ch in value:
+        if ord(ch) < 0x20 or ord(ch) == 0x7F:
+            raise InvalidRuleError(
+                field, f"must not contain control characters (found {ch!r}: newline, NUL, ...)"
+            )
+    if not allow_slash and "/" in value:
+        raise InvalidRuleError(field, "must not contain '/'")
+    try:
+        return os.fsencode(value)
+    except UnicodeEncodeError as e:
+        raise InvalidRuleError(field, f"cannot be encoded: {e.reason}") from None
+
+
+def _hex_escape(data: bytes) -> bytes:
+    """Every byte as \\xHH: the kernel stops decoding at a literal NUL and
+    would read a literal delimiter as the end of the field."""
+    return b"".join(b"\\x%02x" % b for b in data)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One binfmt_misc registration: type M (magic) when extension is None,
+    else type E (file-name extension)."""
+
+    name: str
+    interpreter: str
+    magic: bytes = b""
+    mask: bytes | None = None
+    offset: int = 0
+    extension: str | None = None
+    flags: str = ""
+
+    @property
+    def type(self) -> str:
+        return "M" if self.extension is None else "E"
+
+    def normalized(self) -> Rule:
+        """The rule as the kernel will report it back."""
+        if self.extension is not None:
+            return replace(self, magic=b"", mask=None, offset=0, flags=normalize_flags(self.flags))
+        return replace(self, flags=normalize_flags(self.flags))
+
+    def encode(self) -> bytes:
+        """The line written to `register`; InvalidRuleError (naming the field)
+        for anything the kernel would refuse or misread."""
+        name = _check_text("name", self.name, allow_slash=False)
+        if self.name in RESERVED_NAMES:
+            raise InvalidRuleError("name", f"{self.name!r} is reserved by binfmt_misc")
+        if len(name) > NAME_MAX:
+            raise InvalidRuleError("name", f"is {len(name)} bytes; at most {NAME_MAX}")
+        interpreter = _check_text("interpreter", self.interpreter)
+        if not self.interpreter.startswith("/"):
+            raise InvalidRuleError("interpreter", "must be an absolute path")
+        bad = set(self.flags) - set(FLAG_ORDER)
+        if bad:
+            raise InvalidRuleError(
+                "flags", f"unknown flag(s) {''.join(sorted(bad))!r}; use any of P, O, C, F"
+            )
+        flags = self.flags.encode()
+        if self.extension is not None:
+            ext = _check_text("extension", self.extension, allow_slash=False)
+            if "." in self.extension:
+                raise InvalidRuleError(
+                    "extension", "must not contain '.': the kernel matches after the last dot"
+                )
+            if self.magic or self.mask is not None or self.offset:
+                raise InvalidRuleError("type", "an extension rule has no magic, mask or offset")
+            fields = [name, b"E", b"", ext, b"", interpreter, flags]
+        else:
+            if not self.magic:
+                raise InvalidRuleError("magic", "must not be empty")
+            if self.offset < 0:
+                raise InvalidRuleError("offset", "must not be negative")
+            if self.mask is not None and len(self.mask) != len(self.magic):
+                raise InvalidRuleError(
+                    "mask",
+                    f"is {len(self.mask)} bytes, magic is {len(self.magic)}: they must be equal",
+                )
+            if self.offset + len(self.magic) > BINPRM_BUF_SIZE:
+                raise InvalidRuleError(
+                    "magic",
+                    f"offset {self.offset} + {len(self.magic)} bytes of magic exceed the "
+                    f"{BINPRM_BUF_SIZE} bytes the kernel reads",
+                )
+            mask = _hex_escape(self.mask) if self.mask is not None else b""
+            fields = [name, b"M", b"%d" % self.offset, _hex_escape(self.magic), mask]
+            fields += [interpreter, flags]
+        line = DELIMITER.encode() + DELIMITER.encode().join(fields)
+        if len(line) > MAX_RULE_LENGTH:
+            raise InvalidRuleError(
+                "rule", f"is {len(line)} bytes; the kernel takes at most {MAX_RULE_LENGTH}"
+            )
+        return line
+
+
+@dataclass(frozen=True)
+class Entry:
+    """An entry as the kernel reports it in its file."""
+
+    name: str
+    enabled: bool
+    interpreter: str
+    flags: str
+    type: str  # "M" or "E"
+    offset: int = 0
+    magic: bytes = b""
+    mask: bytes | None = None
+    extension: str | None = None
+
+    @classmethod
+    def parse(cls, name: str, text: str) -> Entry:
+        """Parse an entry file (fs/binfmt_misc.c, entry_status())."""
+        lines = text.split("\n")
+        if not lines or lines[0] not in ("enabled", "disabled"):
+            raise ValueError(f"entry {name}: unexpected first line {lines[:1]!r}")
+        fields: dict[str, str] = {}
+        for line in lines[1:]:
+            key, _, value = line.partition(" ")
+            if key:
+                fields[key.rstrip(":")] = value
+        ext = fields.get("extension")
+        return cls(
+            name=name,
+            enabled=lines[0] == "enabled",
+            interpreter=fields.get("interpreter", ""),
+            flags=fields.get("flags", "").strip(),
+            type="E" if ext is not None else "M",
+            offset=int(fields.get("offset", "0")),
+            magic=bytes.fromhex(fields.get("magic", "")),
+            mask=bytes.fromhex(fields["mask"]) if "mask" in fields else None,
+            extension=ext[1:] if ext is not None and ext.startswith(".") else ext,
+        )
+
+    def rule(self) -> Rule:
+        """The rule that registers this entry again."""
+        return Rule(
+            name=self.name,
+            interpreter=self.interpreter,
+            magic=self.magic,
+            mask=self.mask,
+            offset=self.offset,
+            extension=self.extension,
+            flags=self.flags,
+        )
+
+    def describe(self) -> str:
+        return f"interpreter {self.interpreter}, flags {self.flags or '(none)'}"
+
+
+class BinfmtMisc:
+    """One binfmt_misc mount. Every method is one or a few syscalls."""
+
+    def __init__(self, path: str | os.PathLike[str] = DEFAULT_PATH) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"BinfmtMisc({str(self.path)!r})"
+
+    # -- the mount --------------------------------------------------------
+
+    def is_mounted(self) -> bool:
+        """Whether the topmost mount at the path is a binfmt_misc."""
+        target = os.path.realpath(self.path)
+        fstype = None
+        try:
+            with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    pre, _, post = line.partition(" - ")
+                    fields = pre.split()
+                    if len(fields) > 4 and _unoctal(fields[4]) == target:
+                        fstype = post.split(" ", 1)[0]
+        except OSError:
+            return (self.path / "register").exists()
+        return fstype == "binfmt_misc"
+
+    def mount(self) -> None:
+        """Mount binfmt_misc at the path. In a user namespace (Linux >= 6.7)
+        this creates that namespace's own, empty instance."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        flags = 0x2 | 0x4 | 0x8  # MS_NOSUID | MS_NODEV | MS_NOEXEC
+        rc = libc.mount(b"binfmt_misc", os.fsencode(self.path), b"binfmt_misc", flags, None)
+        if rc == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EPERM:
+            raise KernelPermissionError(
+                f"cannot mount binfmt_misc at {self.path}: it needs CAP_SYS_ADMIN "
+                "(run as root, or in a user namespace on Linux >= 6.7)"
+            )
+        if err == errno.ENODEV:
+            raise NotMountedError(
+                "this kernel has no binfmt_misc: load it with 'modprobe binfmt_misc'"
+            )
+        raise NotMountedError(f"cannot mount binfmt_misc at {self.path}: {os.strerror(err)}")
+
+    def _require_mounted(self) -> None:
+        if not (self.path / "status").exists():
+            raise NotMountedError(
+                f"binfmt_misc is not mounted at {self.path}: mount it with "
+                f"'mount -t binfmt_misc binfmt_misc {self.path}'"
+            )
+
+    # -- global status ----------------------------------------------------
+
+    def enabled(self) -> bool:
+        self._require_mounted()
+        return (self.path / "status").read_text().strip() == "enabled"
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Enable or disable every entry at once (entries are kept)."""
+        self._control("status", b"1" if enabled else b"0")
+
+    def remove_all(self) -> None:
+        """Remove every entry, whoever made it."""
+        self._control("status", b"-1")
+
+    # -- entries ----------------------------------------------------------
+
+    def names(self) -> list[str]:
+        self._require_mounted()
+        return sorted(n for n in os.listdir(self.path) if n not in ("register", "status"))
+
+    def entries(self) -> list[Entry]:
+        """Every entry, qemu or not; one removed while listing is skipped."""
+        found = []
+        for n in self.names():
+            try:
+                found.append(self.entry(n))
+            except NoSuchEntryError:
+                continue
+        return found
+
+    def entry(self, name: str) -> Entry:
+        if name in RESERVED_NAMES or "/" in name or not name:
+            raise NoSuchEntryError(f"no binfmt_misc entry named {name!r}")
+        try:
+            text = (self.path / name).read_text(errors="surrogateescape")
+        except FileNotFoundError:
+            self._require_mounted()
+            raise NoSuchEntryError(f"no binfmt_misc entry named {name!r}") from None
+        return Entry.parse(name, text)
+
+    def get(self, name: str) -> Entry | None:
+        try:
+            return self.entry(name)
+        except NoSuchEntryError:
+            return None
+
+    def register(self, rule: Rule) -> Entry:
+        """Add an entry; returns it as the kernel reports it."""
+        line = rule.encode()
+        self._require_mounted()
+        try:
+            _write(self.path / "register", line)
+        except OSError as e:
+            raise self._register_error(rule, e) from None
+        return self.entry(rule.name)
+
+    def _register_error(self, rule: Rule, e: OSError) -> Exception:
+        if e.errno == errno.EEXIST:
+            existing = self.get(rule.name)
+            what = f" ({existing.describe()})" if existing else ""
+            return EntryExistsError(
+                f"{rule.name} is already registered{what}: remove it first or choose another name",
+                name=rule.name,
+            )
+        if "F" in rule.flags and e.errno in (errno.ENOENT, errno.EACCES, errno.ENOEXEC):
+            cause = {
+                errno.ENOENT: "it does not exist",
+                errno.EACCES: "it is not an executable file the kernel may open",
+                errno.ENOEXEC: "it is not a program",
+            }[e.errno]
+            return InterpreterError(
+                f"the F flag opens {rule.interpreter} at registration and {cause}; "
+                "install the interpreter or register without F",
+                interpreter=rule.interpreter,
+            )
+        if e.errno in (errno.EPERM, errno.EACCES):
+            return KernelPermissionError(
+                f"not allowed to register in {self.path}: writing binfmt_misc needs "
+                "CAP_SYS_ADMIN in the user namespace that mounted it (run as root, "
+                "ask the qusd daemon, or use a sandbox)"
+            )
+        if e.errno == errno.EINVAL:
+            return KernelError(f"the kernel refused the rule for {rule.name} as malformed")
+        return KernelError(f"registering {rule.name} failed: {e.strerror}")
+
+    def enable(self, name: str) -> None:
+        self._control(name, b"1")
+
+    def disable(self, name: str) -> None:
+        self._control(name, b"0")
+
+    def remove(self, name: str) -> None:
+        self._control(name, b"-1")
+
+    def _control(self, name: str, value: bytes) -> None:
+        if name != "status" and (name in RESERVED_NAMES or "/" in name or not name):
+            raise NoSuchEntryError(f"no binfmt_misc entry named {name!r}")
+        try:
+            _write(self.path / name, value)
+        except FileNotFoundError:
+            self._require_mounted()
+            raise NoSuchEntryError(f"no binfmt_misc entry named {name!r}") from None
+        except OSError as e:
+            if e.errno in (errno.EPERM, errno.EACCES):
+                raise KernelPermissionError(
+                    f"not allowed to change {self.path / name}: it needs CAP_SYS_ADMIN in "
+                    "the user namespace that mounted binfmt_misc"
+                ) from None
+            raise KernelError(f"writing {self.path / name} failed: {e.strerror}") from None
+
+
+def _write(path: Path, data: bytes) -> None:
+    """One write() call: binfmt_misc parses each write as a whole."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _unoctal(s: str) -> str:
+    """Undo mountinfo's \\NNN escapes (space, tab, newline, backslash)."""
+    if "\\" not in s:
+        return s
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "\\" and s[i + 1 : i + 4].isdigit() and i + 4 <= len(s):
+            out.append(chr(int(s[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)

@@ -1,0 +1,89 @@
+"""Every failure qusd reports is a QusdError with a stable code.
+
+The code is the contract: the API maps it to an HTTP status and a problem
+type, the CLI to an exit status. Messages name the cause and, where there is
+one, the fix. This module imports nothing, so every layer can use it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class QusdError(Exception):
+    """Base of every error qusd raises on purpose."""
+
+    code: ClassVar[str] = "error"
+    http_status: ClassVar[int] = 500
+    exit_status: ClassVar[int] = 1
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class InvalidRuleError(QusdError):
+    """A rule the kernel would refuse or misread; caught before any write."""
+
+    code = "invalid-rule"
+    http_status = 422
+    exit_status = 65  # EX_DATAERR
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}", field=field)
+        self.field = field
+
+
+class UnknownTargetError(QusdError):
+    code = "unknown-target"
+    http_status = 422
+    exit_status = 65
+
+
+class EntryExistsError(QusdError):
+    code = "entry-exists"
+    http_status = 409
+    exit_status = 73  # EX_CANTCREAT
+
+
+class NoSuchEntryError(QusdError):
+    code = "not-found"
+    http_status = 404
+    exit_status = 66  # EX_NOINPUT
+
+
+class InterpreterError(QusdError):
+    """The interpreter cannot be used: missing, not executable, not found."""
+
+    code = "interpreter"
+    http_status = 422
+    exit_status = 72  # EX_OSFILE
+
+
+class NotMountedError(QusdError):
+    code = "not-mounted"
+    http_status = 503
+    exit_status = 69  # EX_UNAVAILABLE
+
+
+class KernelPermissionError(QusdError):
+    code = "permission-denied"
+    http_status = 403
+    exit_status = 77  # EX_NOPERM
+
+
+class KernelError(QusdError):
+    """binfmt_misc refused a write for a reason we could not classify."""
+
+    code = "kernel-error"
+    http_status = 500
+    exit_status = 71  # EX_OSERR
+
+
+class SandboxError(QusdError):
+    """A sandbox (user + mount namespace) could not be made or entered."""
+
+    code = "sandbox"
+    http_status = 500
+    exit_status = 71

@@ -1,0 +1,186 @@
+"""Shared fixtures: sandboxes with a private binfmt_misc, and foreign programs.
+
+Every kernel test runs in its own sandbox (a user + mount namespace that
+mounted its own binfmt_misc instance): the real kernel, never the host's
+table. A session-wide guard checks that the host's table is unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+from qusd import sandbox
+from qusd.binfmt import DEFAULT_PATH, BinfmtMisc
+from qusd.errors import QusdError
+from tests import worker
+
+ROOT = Path(__file__).resolve().parent.parent
+FOREIGN_DIR = Path(os.environ.get("QUSD_FOREIGN_DIR", ROOT / ".cache" / "foreign"))
+#: Debian architecture -> what `uname -m` prints under emulation
+FOREIGN_ARCHS = {
+    "arm64": "aarch64",
+    "armhf": "armv7l",
+    "armel": "armv7l",
+    "ppc64el": "ppc64le",
+    "s390x": "s390x",
+    "mips64el": "mips64",
+    "i386": os.uname().machine,
+}
+#: Debian architecture -> the QEMU target that runs it
+DEBIAN_TARGET = {
+    "arm64": "aarch64",
+    "armhf": "arm",
+    "armel": "arm",
+    "ppc64el": "ppc64le",
+    "s390x": "s390x",
+    "mips64el": "mips64el",
+    "i386": "i386",
+}
+STATIC_DIR = "/usr/bin"
+
+SANDBOX_REASON = sandbox.unsupported_reason()
+needs_sandbox = pytest.mark.skipif(SANDBOX_REASON is not None, reason=SANDBOX_REASON or "")
+
+
+def busybox_path(arch: str) -> Path:
+    path = FOREIGN_DIR / arch / "busybox"
+    if not path.exists():
+        pytest.skip(f"{path} is missing: `make test` fetches it (tools/fetch-foreign.sh)")
+    return path
+
+
+def interpreter(cpu: str) -> str:
+    path = f"{STATIC_DIR}/qemu-{cpu}-static"
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is missing: install Debian's qemu-user-static")
+    return path
+
+
+class Sandbox:
+    """A sandbox kept alive by a worker process; calls run inside it."""
+
+    def __init__(self, binfmt_path: str = DEFAULT_PATH) -> None:
+        self.binfmt_path = binfmt_path
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.proc = sandbox.spawn(
+            [sys.executable, "-m", "tests.worker", binfmt_path],
+            binfmt_path,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+            env=env,
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self._in: IO[bytes] = self.proc.stdin
+        self._out: IO[bytes] = self.proc.stdout
+        hello = worker.read_frame(self._out)
+        if hello != ("ready", None):
+            self.proc.wait()
+            raise RuntimeError(f"sandbox worker did not start: {hello!r}")
+        self.kernel = _KernelProxy(self)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def call(self, kind: str, name: str, *args: Any, **kwargs: Any) -> Any:
+        worker.write_frame(self._in, (kind, name, args, kwargs))
+        reply = worker.read_frame(self._out)
+        if reply is None:
+            raise RuntimeError("sandbox worker died")
+        status, value = reply
+        if status == "ok":
+            return value
+        if status == "qusd":
+            module, cls_name, message, details = value
+            cls = getattr(importlib.import_module(module), cls_name)
+            exc = cls.__new__(cls)
+            QusdError.__init__(exc, message, **details)
+            if "field" in details:
+                exc.field = details["field"]
+            raise exc
+        raise AssertionError(f"inside the sandbox: {value}")
+
+    def func(self, qualname: str, *args: Any, **kwargs: Any) -> Any:
+        """Call module:function inside the sandbox."""
+        return self.call("func", qualname, *args, **kwargs)
+
+    def run(
+        self, argv: Sequence[str | os.PathLike[str]], **kwargs: Any
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command inside the sandbox and capture its output."""
+        kwargs.setdefault("capture_output", True)
+        kwargs.setdefault("text", True)
+        kwargs.setdefault("timeout", 60)
+        cmd = sandbox.enter_command(self.pid, [str(a) for a in argv])
+        return subprocess.run(cmd, check=False, **kwargs)
+
+    def close(self) -> None:
+        self._in.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._out.close()
+
+
+class _KernelProxy:
+    """Looks like a BinfmtMisc; every method runs inside the sandbox."""
+
+    def __init__(self, box: Sandbox) -> None:
+        self._box = box
+
+    def __getattr__(self, name: str) -> Any:
+        if not callable(getattr(BinfmtMisc, name, None)):
+            raise AttributeError(name)
+        return lambda *a, **kw: self._box.call("kernel", name, *a, **kw)
+
+
+@pytest.fixture
+def sbx() -> Iterator[Sandbox]:
+    """A fresh sandbox with an empty private binfmt_misc."""
+    if SANDBOX_REASON:
+        pytest.skip(SANDBOX_REASON)
+    box = Sandbox()
+    try:
+        yield box
+    finally:
+        box.close()
+
+
+def _host_entries() -> list[str] | None:
+    try:
+        return sorted(os.listdir(DEFAULT_PATH)) if BinfmtMisc().is_mounted() else None
+    except OSError:
+        return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def host_table_untouched() -> Iterator[None]:
+    """No test may change the host's binfmt_misc table."""
+    before = _host_entries()
+    yield
+    assert _host_entries() == before, "the host's binfmt_misc table changed during the tests"
+
+
+def run_as(
+    uid: int, gid: int, argv: Sequence[str], **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    """Run argv as another user (needs root): setpriv from util-linux."""
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv (util-linux) is required"
+    cmd = [setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--", *argv]
+    kwargs.setdefault("capture_output", True)
+    kwargs.setdefault("text", True)
+    kwargs.setdefault("timeout", 60)
+    return subprocess.run(cmd, check=False, **kwargs)

@@ -1,0 +1,26 @@
+#!/bin/sh
+# Install the Debian packages qusd builds and tests with, when they are missing.
+# Run by `make`; does nothing when everything is already there.
+set -eu
+
+missing=""
+need() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed" || missing="$missing $1"; }
+
+for pkg in qemu-user-static libsystemd-dev pkg-config gcc util-linux; do need "$pkg"; done
+# The interpreter that builds the venv needs its headers (systemd-python
+# compiles) and the venv module; Debian splits both out of python3.
+PY="${PYTHON:-python3}"
+"$PY" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' || need python3-dev
+"$PY" -c 'import ensurepip' 2>/dev/null || need python3-venv
+
+[ -z "$missing" ] && exit 0
+if [ "$(id -u)" != 0 ]; then
+    echo "setup: missing Debian packages:$missing" >&2
+    echo "setup: run 'sudo apt-get install$missing' or run make as root" >&2
+    exit 1
+fi
+echo "setup: installing$missing"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq || echo "setup: apt-get update reported errors; trying the install anyway" >&2
+# shellcheck disable=SC2086
+apt-get install -y -qq --no-install-recommends $missing
