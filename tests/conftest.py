@@ -184,3 +184,15 @@ def run_as(
     kwargs.setdefault("text", True)
     kwargs.setdefault("timeout", 60)
     return subprocess.run(cmd, check=False, **kwargs)
+
+
+NOBODY = 65534
+
+
+def python_for(uid: int) -> str:
+    """A Python that uid may execute: ours, or the system's (the venv may
+    live under a home directory closed to others)."""
+    for candidate in (sys.executable, "/usr/bin/python3"):
+        if run_as(uid, uid, [candidate, "-c", "pass"]).returncode == 0:
+            return candidate
+    pytest.skip(f"no Python that uid {uid} may run")

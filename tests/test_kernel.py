@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from qusd.errors import (
     NoSuchEntryError,
     NotMountedError,
 )
-from tests.conftest import Sandbox, busybox_path, interpreter
+from tests.conftest import NOBODY, ROOT, Sandbox, busybox_path, interpreter, python_for, run_as
 
 AARCH64 = catalog.builtin().get("aarch64")
 
@@ -215,3 +216,52 @@ def test_sandboxes_do_not_share_tables(sbx: Sandbox) -> None:
     finally:
         other.close()
     assert sbx.run([bb, "true"]).returncode == 0
+
+
+REGISTER = """
+import sys
+from qusd.binfmt import BinfmtMisc, Rule
+from qusd.errors import KernelPermissionError
+try:
+    BinfmtMisc().register(Rule(name="x", interpreter="/bin/true", magic=b"zz"))
+except KernelPermissionError as e:
+    print(e.message)
+    sys.exit(3)
+"""
+
+
+MOUNT_AS_NOBODY = """
+import sys
+from qusd.binfmt import BinfmtMisc
+from qusd.errors import KernelPermissionError
+try:
+    BinfmtMisc(sys.argv[1]).mount()
+except KernelPermissionError as e:
+    print(e.message)
+    sys.exit(3)
+"""
+
+
+def test_mount_without_privilege_is_eperm_explained() -> None:
+    if os.getuid() != 0:
+        pytest.skip("switching to another user needs root")
+    py = python_for(NOBODY)
+    with tempfile.TemporaryDirectory(dir="/tmp") as where:  # reachable by nobody
+        os.chmod(where, 0o755)
+        res = run_as(NOBODY, NOBODY, [py, "-c", MOUNT_AS_NOBODY, where],
+                     env={"PYTHONPATH": str(ROOT)}, cwd="/")  # fmt: skip
+    assert res.returncode == 3, res.stderr
+    assert "cannot mount binfmt_misc" in res.stdout and "needs CAP_SYS_ADMIN" in res.stdout
+
+
+def test_unprivileged_user_inside_is_refused(sbx: Sandbox) -> None:
+    if os.getuid() != 0:
+        pytest.skip("only root's sandbox maps other users")
+    py = python_for(NOBODY)
+    res = sbx.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", py, "-c", REGISTER],
+        env={"PYTHONPATH": str(ROOT)}, cwd="/",
+    )  # fmt: skip
+    assert res.returncode == 3, res.stderr
+    assert "not allowed to register" in res.stdout
+    assert sbx.kernel.names() == []

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
 
 from qusd import sandbox
 from qusd.binfmt import BinfmtMisc
 from qusd.errors import SandboxError
-from tests.conftest import ROOT, Sandbox, busybox_path, needs_sandbox, run_as
-
-NOBODY = 65534
+from tests.conftest import NOBODY, ROOT, Sandbox, busybox_path, needs_sandbox, python_for, run_as
 
 
 def test_old_kernels_get_a_clear_reason(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -41,13 +38,6 @@ def test_sandbox_mount_does_not_reach_the_host(sbx: Sandbox) -> None:
     assert inside != outside
 
 
-def _python_for(uid: int) -> str:
-    for candidate in (sys.executable, "/usr/bin/python3"):
-        if run_as(uid, uid, [candidate, "-c", "pass"]).returncode == 0:
-            return candidate
-    pytest.skip(f"no Python that uid {uid} may run")
-
-
 @needs_sandbox
 def test_rootless_user_gets_a_private_table_without_privilege() -> None:
     """An ordinary user registers emulation in its own table: no privilege."""
@@ -56,7 +46,7 @@ def test_rootless_user_gets_a_private_table_without_privilege() -> None:
     if run_as(NOBODY, NOBODY, ["test", "-r", str(ROOT / "qusd" / "cli.py")]).returncode != 0:
         pytest.skip(f"{ROOT} is not readable by nobody")
     bb = busybox_path("arm64")
-    py = _python_for(NOBODY)
+    py = python_for(NOBODY)
     script = f"cat /proc/self/uid_map; {bb} uname -m"
     res = run_as(
         NOBODY,
