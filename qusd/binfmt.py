@@ -94,45 +94,16 @@ class Rule:
     def encode(self) -> bytes:
         """The line written to `register`; InvalidRuleError (naming the field)
         for anything the kernel would refuse or misread."""
-        name = _check_text("name", self.name, allow_slash=False)
-        if self.name in RESERVED_NAMES:
-            raise InvalidRuleError("name", f"{self.name!r} is reserved by binfmt_misc")
-        if len(name) > NAME_MAX:
-            raise InvalidRuleError("name", f"is {len(name)} bytes; at most {NAME_MAX}")
-        interpreter = _check_text("interpreter", self.interpreter)
-        if not self.interpreter.startswith("/"):
-            raise InvalidRuleError("interpreter", "must be an absolute path")
-        bad = set(self.flags) - set(FLAG_ORDER)
-        if bad:
-            raise InvalidRuleError(
-                "flags", f"unknown flag(s) {''.join(sorted(bad))!r}; use any of P, O, C, F"
-            )
-        flags = self.flags.encode()
+        name = check_name(self.name)
+        interpreter = check_interpreter(self.interpreter)
+        flags = check_flags(self.flags)
         if self.extension is not None:
-            ext = _check_text("extension", self.extension, allow_slash=False)
-            if "." in self.extension:
-                raise InvalidRuleError(
-                    "extension", "must not contain '.': the kernel matches after the last dot"
-                )
+            ext = check_extension(self.extension)
             if self.magic or self.mask is not None or self.offset:
                 raise InvalidRuleError("type", "an extension rule has no magic, mask or offset")
             fields = [name, b"E", b"", ext, b"", interpreter, flags]
         else:
-            if not self.magic:
-                raise InvalidRuleError("magic", "must not be empty")
-            if self.offset < 0:
-                raise InvalidRuleError("offset", "must not be negative")
-            if self.mask is not None and len(self.mask) != len(self.magic):
-                raise InvalidRuleError(
-                    "mask",
-                    f"is {len(self.mask)} bytes, magic is {len(self.magic)}: they must be equal",
-                )
-            if self.offset + len(self.magic) > BINPRM_BUF_SIZE:
-                raise InvalidRuleError(
-                    "magic",
-                    f"offset {self.offset} + {len(self.magic)} bytes of magic exceed the "
-                    f"{BINPRM_BUF_SIZE} bytes the kernel reads",
-                )
+            check_magic(self.magic, self.mask, self.offset)
             mask = _hex_escape(self.mask) if self.mask is not None else b""
             fields = [name, b"M", b"%d" % self.offset, _hex_escape(self.magic), mask]
             fields += [interpreter, flags]
@@ -142,6 +113,60 @@ class Rule:
                 "rule", f"is {len(line)} bytes; the kernel takes at most {MAX_RULE_LENGTH}"
             )
         return line
+
+
+# Field checks, one per field, shared with the API's models.
+
+
+def check_name(value: str) -> bytes:
+    name = _check_text("name", value, allow_slash=False)
+    if value in RESERVED_NAMES:
+        raise InvalidRuleError("name", f"{value!r} is reserved by binfmt_misc")
+    if len(name) > NAME_MAX:
+        raise InvalidRuleError("name", f"is {len(name)} bytes; at most {NAME_MAX}")
+    return name
+
+
+def check_interpreter(value: str) -> bytes:
+    interpreter = _check_text("interpreter", value)
+    if not value.startswith("/"):
+        raise InvalidRuleError("interpreter", "must be an absolute path")
+    return interpreter
+
+
+def check_flags(value: str) -> bytes:
+    bad = set(value) - set(FLAG_ORDER)
+    if bad:
+        raise InvalidRuleError(
+            "flags", f"unknown flag(s) {''.join(sorted(bad))!r}; use any of P, O, C, F"
+        )
+    return value.encode()
+
+
+def check_extension(value: str) -> bytes:
+    ext = _check_text("extension", value, allow_slash=False)
+    if "." in value:
+        raise InvalidRuleError(
+            "extension", "must not contain '.': the kernel matches after the last dot"
+        )
+    return ext
+
+
+def check_magic(magic: bytes, mask: bytes | None, offset: int) -> None:
+    if not magic:
+        raise InvalidRuleError("magic", "must not be empty")
+    if offset < 0:
+        raise InvalidRuleError("offset", "must not be negative")
+    if mask is not None and len(mask) != len(magic):
+        raise InvalidRuleError(
+            "mask", f"is {len(mask)} bytes, magic is {len(magic)}: they must be equal"
+        )
+    if offset + len(magic) > BINPRM_BUF_SIZE:
+        raise InvalidRuleError(
+            "magic",
+            f"offset {offset} + {len(magic)} bytes of magic exceed the "
+            f"{BINPRM_BUF_SIZE} bytes the kernel reads",
+        )
 
 
 @dataclass(frozen=True)

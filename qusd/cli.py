@@ -12,9 +12,11 @@ import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import quote
 
 from qusd import __version__, catalog, interpreters, sandbox
 from qusd.binfmt import DEFAULT_PATH, BinfmtMisc
+from qusd.client import DEFAULT_SOCKET, Client, default_socket
 from qusd.errors import QusdError
 
 
@@ -62,9 +64,116 @@ def cmd_identify(ns: argparse.Namespace) -> int:
     return status
 
 
+def _out(ns: argparse.Namespace, doc: Any, human: str) -> None:
+    print(json.dumps(doc, indent=2) if ns.json else human)
+
+
+def _reg_rows(regs: list[dict[str, Any]]) -> list[list[str]]:
+    return [
+        [
+            r["name"],
+            "yes" if r["enabled"] else "no",
+            r["target"] or "-",
+            r["flags"] or "-",
+            "persistent" if r["persistent"] else "managed" if r["managed"] else "-",
+            r["interpreter"],
+        ]
+        for r in regs
+    ]
+
+
+REG_HEADERS = ["NAME", "ENABLED", "TARGET", "FLAGS", "QUSD", "INTERPRETER"]
+
+
+def cmd_list(ns: argparse.Namespace) -> int:
+    regs = Client(ns.socket).get("/v1/registrations")
+    _out(ns, regs, table(_reg_rows(regs), REG_HEADERS) if regs else "no entries")
+    return 0
+
+
+def cmd_register(ns: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"persistent": not ns.no_persist, "replace": ns.replace}
+    if ns.targets:
+        body["targets"] = ns.targets
+    if ns.flags is not None:
+        body["flags"] = ns.flags
+    doc = Client(ns.socket).request("POST", "/v1/registrations", body)
+    rows = [[*row, "registered"] for row in _reg_rows(doc["registered"])]
+    rows += [[*row, "unchanged"] for row in _reg_rows(doc["unchanged"])]
+    _out(ns, doc, table(rows, [*REG_HEADERS, "RESULT"]) if rows else "nothing to register")
+    return 0
+
+
+def cmd_unregister(ns: argparse.Namespace) -> int:
+    client, status = Client(ns.socket), 0
+    for name in ns.names:
+        try:
+            client.request("DELETE", f"/v1/registrations/{quote(name, safe='')}")
+            print(f"unregistered {name}")
+        except QusdError as e:
+            print(f"qusctl: {e.message}", file=sys.stderr)
+            status = status or e.exit_status
+    return status
+
+
+def cmd_enable(ns: argparse.Namespace) -> int:
+    doc = Client(ns.socket).request(
+        "PATCH", f"/v1/registrations/{quote(ns.name, safe='')}", {"enabled": ns.enabled}
+    )
+    _out(ns, doc, f"{doc['name']} {'enabled' if doc['enabled'] else 'disabled'}")
+    return 0
+
+
+def cmd_status(ns: argparse.Namespace) -> int:
+    s = Client(ns.socket).get("/v1/status")
+    b, c = s["binfmt_misc"], s["counts"]
+    lines = [
+        f"qusd {s['version']} on Linux {s['kernel']} ({s['machine']}, family {s['family']})",
+        f"binfmt_misc: {b['path']}, "
+        + ("not mounted" if not b["mounted"] else "enabled" if b["enabled"] else "disabled"),
+        f"sandbox: pid {s['sandbox']['pid']}" if s["sandbox"] else "sandbox: no",
+        f"entries: {c['entries']} ({c['managed']} managed, {c['persistent']} persistent)",
+        f"catalog: {s['catalog']}; state: {s['state_file']}",
+    ]
+    lines += [f"warning: {w['message']}" for w in s["warnings"]]
+    _out(ns, s, "\n".join(lines))
+    return 0
+
+
+def cmd_targets(ns: argparse.Namespace) -> int:
+    ts = Client(ns.socket).get("/v1/targets")
+    rows = [
+        [
+            t["name"],
+            t["family"],
+            "yes" if t["native"] else "no",
+            t["interpreter"] or "-",
+            "-" if t["static"] is None else "static" if t["static"] else "dynamic",
+        ]
+        for t in ts
+    ]
+    _out(ns, ts, table(rows, ["TARGET", "FAMILY", "NATIVE", "INTERPRETER", "LINKING"]))
+    return 0
+
+
+def cmd_reset(ns: argparse.Namespace) -> int:
+    doc = Client(ns.socket).request("POST", "/v1/reset", {"scope": ns.scope})
+    removed = doc["removed"]
+    _out(ns, doc, "removed " + ", ".join(removed) if removed else "nothing to remove")
+    return 0
+
+
 def cmd_run(ns: argparse.Namespace) -> int:
     argv = _command(ns)
-    sandbox.enter(ns.pid)
+    pid = ns.pid
+    if pid is None:
+        box = Client(ns.socket).get("/v1/status")["sandbox"]
+        if box is None:
+            raise QusdError(
+                "the daemon is not in a sandbox: programs run anywhere already see its table"
+            )
+        pid = box["pid"]
+    sandbox.enter(pid)
     sandbox.exec_in(argv)
     return 0  # pragma: no cover
 
@@ -104,7 +213,51 @@ def parser() -> argparse.ArgumentParser:
         description="Manage QEMU user-mode emulation (binfmt_misc) with qusd.",
     )
     p.add_argument("--version", action="version", version=f"qusctl {__version__}")
+    p.add_argument(
+        "--socket",
+        default=default_socket(),
+        metavar="PATH",
+        help=f"the daemon's socket (default: $QUSD_SOCKET or {DEFAULT_SOCKET})",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def daemon_cmd(name: str, help: str, func: Any, description: str | None = None) -> Any:
+        c = sub.add_parser(name, help=help, description=description or help)
+        c.add_argument("--json", action="store_true", help="print the API's JSON")
+        c.set_defaults(func=func)
+        return c
+
+    s = daemon_cmd(
+        "register",
+        "register targets",
+        cmd_register,
+        "Register QEMU targets (names or aliases: arm64, linux/arm/v7, ...). With no target, "
+        "every target of another family than the host's that has an interpreter. An "
+        "identical existing entry is left unchanged.",
+    )
+    s.add_argument("targets", nargs="*", metavar="TARGET")
+    s.add_argument("--flags", help="binfmt_misc flags, any of P O C F (default: F)")
+    s.add_argument("--no-persist", action="store_true", help="do not restore at start")
+    s.add_argument("--replace", action="store_true", help="overwrite other definitions")
+    s = daemon_cmd("unregister", "remove entries", cmd_unregister)
+    s.add_argument("names", nargs="+", metavar="NAME")
+    s = daemon_cmd("enable", "enable an entry", cmd_enable)
+    s.add_argument("name", metavar="NAME")
+    s.set_defaults(enabled=True)
+    s = daemon_cmd("disable", "disable an entry (kept, but exec falls through)", cmd_enable)
+    s.add_argument("name", metavar="NAME")
+    s.set_defaults(enabled=False)
+    daemon_cmd("list", "list every entry in the kernel", cmd_list)
+    daemon_cmd("status", "the daemon's and the kernel's status", cmd_status)
+    daemon_cmd("targets", "the target catalog and interpreters", cmd_targets)
+    s = daemon_cmd(
+        "reset",
+        "remove entries",
+        cmd_reset,
+        "Remove what qusd registered (managed, default), every qemu-* entry (qemu, as qus' "
+        "reset), or the whole table (all).",
+    )
+    s.add_argument("--scope", choices=["managed", "qemu", "all"], default="managed")
 
     s = sub.add_parser(
         "identify",
@@ -126,11 +279,14 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "run",
-        help="run a command inside an existing sandbox",
+        help="run a command inside the daemon's (or another) sandbox",
         description="Run CMD (default: your shell) in the user and mount namespaces of "
-        "process PID, so it sees that sandbox's private binfmt_misc table.",
+        "process PID (default: the daemon's sandbox, from its status), so it sees that "
+        "sandbox's private binfmt_misc table.",
     )
-    s.add_argument("--pid", type=int, required=True, help="a process in the sandbox")
+    s.add_argument(
+        "--pid", type=int, help="a process in the sandbox (default: the daemon's sandbox)"
+    )
     s.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
     s.set_defaults(func=cmd_run)
 

@@ -87,3 +87,42 @@ class SandboxError(QusdError):
     code = "sandbox"
     http_status = 500
     exit_status = 71
+
+
+class MalformedRequestError(QusdError):
+    code = "malformed-json"
+    http_status = 400
+    exit_status = 65
+
+
+class UnsupportedMediaTypeError(QusdError):
+    code = "unsupported-media-type"
+    http_status = 415
+    exit_status = 65
+
+
+class DaemonUnavailableError(QusdError):
+    """The client could not reach the daemon."""
+
+    code = "unavailable"
+    http_status = 503
+    exit_status = 69  # EX_UNAVAILABLE
+
+
+def error_class(code: str) -> type[QusdError]:
+    """The error class for a stable code (a problem's `code`), or QusdError."""
+    todo: list[type[QusdError]] = [QusdError]
+    while todo:
+        cls = todo.pop()
+        if cls.code == code:
+            return cls
+        todo.extend(cls.__subclasses__())
+    return QusdError
+
+
+class RequestValidationError(QusdError):
+    """A request failed validation (the API's 422 with the failing fields)."""
+
+    code = "validation"
+    http_status = 422
+    exit_status = 65

@@ -10,8 +10,10 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -19,7 +21,8 @@ from typing import IO, Any
 import pytest
 
 from qusd import sandbox
-from qusd.binfmt import DEFAULT_PATH, BinfmtMisc
+from qusd.binfmt import DEFAULT_PATH, BinfmtMisc, Entry
+from qusd.client import Client
 from qusd.errors import QusdError
 from tests import worker
 
@@ -68,16 +71,22 @@ def interpreter(cpu: str) -> str:
 class Sandbox:
     """A sandbox kept alive by a worker process; calls run inside it."""
 
-    def __init__(self, binfmt_path: str = DEFAULT_PATH) -> None:
+    def __init__(self, binfmt_path: str = DEFAULT_PATH, enter: int | None = None) -> None:
+        """A new sandbox, or (enter=PID) a worker inside the sandbox of PID."""
         self.binfmt_path = binfmt_path
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = sandbox.spawn(
-            [sys.executable, "-m", "tests.worker", binfmt_path],
-            binfmt_path,
+        self.entered = enter
+        argv = [sys.executable, "-m", "tests.worker", binfmt_path]
+        cmd = (
+            sandbox.command(argv, binfmt_path)
+            if enter is None
+            else sandbox.enter_command(enter, argv)
+        )
+        self.proc = subprocess.Popen(
+            cmd,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             cwd=ROOT,
-            env=env,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
         )
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._in: IO[bytes] = self.proc.stdin
@@ -90,7 +99,8 @@ class Sandbox:
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        """A process in the sandbox: the worker, or the one it joined."""
+        return self.entered if self.entered is not None else self.proc.pid
 
     def call(self, kind: str, name: str, *args: Any, **kwargs: Any) -> Any:
         worker.write_frame(self._in, (kind, name, args, kwargs))
@@ -196,3 +206,85 @@ def python_for(uid: int) -> str:
         if run_as(uid, uid, [candidate, "-c", "pass"]).returncode == 0:
             return candidate
     pytest.skip(f"no Python that uid {uid} may run")
+
+
+class Daemon:
+    """`qusd --sandbox` as a subprocess, with its socket and state in a
+    directory of the test's; `inside` is a worker in the daemon's sandbox."""
+
+    def __init__(self, workdir: Path, *extra: str, state_dir: Path | None = None) -> None:
+        self.workdir = workdir
+        self.socket = str(workdir / "qusd.sock")
+        self.state_dir = state_dir or workdir / "state"
+        self.config = workdir / "qusd.toml"
+        if not self.config.exists():
+            self.config.write_text("# empty: built-in defaults\n")
+        self.log = workdir / f"qusd-{len(list(workdir.glob('qusd-*.log')))}.log"
+        self.argv = [
+            str(Path(sys.executable).parent / "qusd"),
+            "--sandbox",
+            "--socket", self.socket,
+            "--state-dir", str(self.state_dir),
+            "--config", str(self.config),
+            "--log-level", "debug",
+            *extra,
+        ]  # fmt: skip
+        self._log = self.log.open("wb")
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT)
+        self.client = Client(self.socket, timeout=30)
+        self._inside: Sandbox | None = None
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"qusd exited {self.proc.returncode}: {self.log.read_text()}")
+            try:
+                if self.client.get("/v1/health") == {"status": "ok"}:
+                    return
+            except QusdError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"qusd did not answer in {timeout}s: {self.log.read_text()}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def inside(self) -> Sandbox:
+        """A worker in the daemon's sandbox: .kernel sees the daemon's table."""
+        if self._inside is None:
+            self._inside = Sandbox(enter=self.pid)
+        return self._inside
+
+    def table(self) -> list[Entry]:
+        """The kernel's entries, as the daemon's sandbox sees them."""
+        entries: list[Entry] = self.inside.kernel.entries()
+        return entries
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self._inside is not None:
+            self._inside.close()
+            self._inside = None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=30)
+        finally:
+            self._log.close()
+        return code
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A running `qusd --sandbox` with an empty table and state."""
+    if SANDBOX_REASON:
+        pytest.skip(SANDBOX_REASON)
+    d = Daemon(tmp_path)
+    try:
+        yield d
+    finally:
+        if d.proc.poll() is None:
+            d.stop(signal.SIGKILL)

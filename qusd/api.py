@@ -1,0 +1,285 @@
+"""The HTTP API (version 1) on the daemon's Unix socket: a thin shell over the
+service. Bodies are parsed into pydantic models before anything else runs;
+every error leaves as application/problem+json, mapped here and only here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
+
+from qusd import __version__
+from qusd.binfmt import Rule
+from qusd.errors import (
+    MalformedRequestError,
+    QusdError,
+    RequestValidationError,
+    UnsupportedMediaTypeError,
+)
+from qusd.models import (
+    EnableRequest,
+    Health,
+    Problem,
+    RegisterRequest,
+    RegisterResponse,
+    RegistrationOut,
+    ResetRequest,
+    ResetResponse,
+    Status,
+    TargetOut,
+)
+from qusd.service import Service
+
+log = logging.getLogger("qusd.api")
+
+MAX_BODY = 64 * 1024
+PROBLEM_JSON = "application/problem+json"
+SERVICE: web.AppKey[Service] = web.AppKey("service", Service)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> web.Response:
+    body = Problem(
+        type=f"urn:qusd:problem:{code}",
+        title=title,
+        status=status,
+        detail=detail,
+        code=code,
+        **extra,
+    )
+    return web.Response(
+        status=status,
+        text=body.model_dump_json(exclude_none=True),
+        content_type=PROBLEM_JSON,
+    )
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one place errors become responses."""
+    try:
+        return await handler(request)
+    except QusdError as e:
+        return problem(e.http_status, e.code, e.code.replace("-", " ").capitalize(), e.message)
+    except ValidationError as e:
+        fields = [
+            {"loc": ["body", *e_["loc"]], "msg": e_["msg"], "type": e_["type"]}
+            for e_ in e.errors(include_url=False, include_input=False)
+        ]
+        detail = "; ".join(
+            f"{'.'.join(map(str, f['loc'][1:])) or 'body'}: {f['msg']}" for f in fields
+        )
+        return problem(422, RequestValidationError.code, "Invalid request", detail, errors=fields)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = {404: "not-found", 405: "method-not-allowed", 413: "too-large"}.get(e.status, "http")
+        return problem(e.status, code, e.reason, e.text or e.reason)
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return problem(500, "internal", "Internal error", "internal error; see the daemon's log")
+
+
+async def body(request: web.Request, model: type[Any]) -> Any:
+    """Parse and validate a JSON body; an empty body counts as {}."""
+    raw = await request.read()  # aiohttp refuses more than client_max_size with 413
+    if not raw.strip():
+        raw = b"{}"
+    elif request.content_type != "application/json":
+        raise UnsupportedMediaTypeError(
+            f"the body is {request.content_type or 'untyped'}; send it as application/json"
+        )
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MalformedRequestError(f"the body is not JSON: {e}") from None
+    svc = request.app[SERVICE]
+    return model.model_validate(data, context={"catalog": svc.catalog})
+
+
+def reply(model: BaseModel | list[Any], status: int = 200) -> web.Response:
+    if isinstance(model, list):
+        text = "[" + ",".join(m.model_dump_json() for m in model) + "]"
+    else:
+        text = model.model_dump_json()
+    return web.Response(status=status, text=text, content_type="application/json")
+
+
+# -- handlers ----------------------------------------------------------------
+
+
+async def health(request: web.Request) -> web.Response:
+    return reply(Health())
+
+
+async def status(request: web.Request) -> web.Response:
+    return reply(Status.model_validate(request.app[SERVICE].status()))
+
+
+async def targets(request: web.Request) -> web.Response:
+    return reply([TargetOut.of(t) for t in request.app[SERVICE].targets()])
+
+
+async def list_registrations(request: web.Request) -> web.Response:
+    return reply([RegistrationOut.of(r) for r in request.app[SERVICE].registrations()])
+
+
+async def get_registration(request: web.Request) -> web.Response:
+    return reply(RegistrationOut.of(request.app[SERVICE].registration(request.match_info["name"])))
+
+
+async def register(request: web.Request) -> web.Response:
+    req: RegisterRequest = await body(request, RegisterRequest)
+    svc = request.app[SERVICE]
+    items: list[tuple[Rule, str | None]]
+    if req.entry is not None:
+        items = [(req.entry.rule(), None)]
+    else:
+        items = list(svc.plan_targets(req.targets, req.flags if req.flags is not None else "F"))
+    result = await svc.register(items, persistent=req.persistent, replace_existing=req.replace)
+    return reply(
+        RegisterResponse(
+            registered=[RegistrationOut.of(r) for r in result.registered],
+            unchanged=[RegistrationOut.of(r) for r in result.unchanged],
+        ),
+        status=201,
+    )
+
+
+async def patch_registration(request: web.Request) -> web.Response:
+    req: EnableRequest = await body(request, EnableRequest)
+    reg = await request.app[SERVICE].set_enabled(request.match_info["name"], req.enabled)
+    return reply(RegistrationOut.of(reg))
+
+
+async def delete_registration(request: web.Request) -> web.Response:
+    await request.app[SERVICE].unregister(request.match_info["name"])
+    return web.Response(status=204)
+
+
+async def reset(request: web.Request) -> web.Response:
+    req: ResetRequest = await body(request, ResetRequest)
+    return reply(ResetResponse(removed=await request.app[SERVICE].reset(req.scope)))
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(OPENAPI)
+
+
+# -- the route table, the one source of routes and of the OpenAPI document -----
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    request: type[BaseModel] | None = None
+    response: type[BaseModel] | None = None
+    many: bool = False
+    status: int = 200
+    errors: tuple[int, ...] = ()
+
+
+ROUTES = (
+    Route("GET", "/v1/health", health, "Liveness", response=Health),
+    Route("GET", "/v1/status", status, "Daemon, kernel and table status", response=Status),
+    Route("GET", "/v1/targets", targets, "The target catalog", response=TargetOut, many=True),
+    Route("GET", "/v1/registrations", list_registrations, "Every entry in the kernel",
+          response=RegistrationOut, many=True, errors=(503,)),
+    Route("GET", "/v1/registrations/{name}", get_registration, "One entry",
+          response=RegistrationOut, errors=(404,)),
+    Route("POST", "/v1/registrations", register, "Register targets or a custom entry",
+          request=RegisterRequest, response=RegisterResponse, status=201,
+          errors=(400, 409, 413, 415, 422, 503)),
+    Route("PATCH", "/v1/registrations/{name}", patch_registration, "Enable or disable an entry",
+          request=EnableRequest, response=RegistrationOut, errors=(400, 404, 413, 415, 422)),
+    Route("DELETE", "/v1/registrations/{name}", delete_registration,
+          "Remove an entry from the kernel and the state", status=204, errors=(404,)),
+    Route("POST", "/v1/reset", reset, "Remove managed, qemu-* or all entries",
+          request=ResetRequest, response=ResetResponse, errors=(400, 413, 415, 422, 503)),
+)  # fmt: skip
+
+
+def openapi_document() -> dict[str, Any]:
+    """OpenAPI 3.1, generated from the route table and the models."""
+    models: set[type[BaseModel]] = {Problem}
+    for r in ROUTES:
+        models.update(m for m in (r.request, r.response) if m is not None)
+    _, schemas = models_json_schema(
+        [(m, "validation") for m in sorted(models, key=lambda m: m.__name__)],
+        ref_template="#/components/schemas/{model}",
+    )
+    problem_ref = {"$ref": "#/components/schemas/Problem"}
+    paths: dict[str, dict[str, Any]] = {}
+    for r in ROUTES:
+        op: dict[str, Any] = {
+            "summary": r.summary,
+            "operationId": r.handler.__name__,
+            "responses": {},
+        }
+        if "{name}" in r.path:
+            op["parameters"] = [
+                {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+            ]
+        if r.request is not None:
+            op["requestBody"] = {
+                "required": False,
+                "content": {"application/json": {"schema": _ref(r.request)}},
+            }
+        if r.response is not None:
+            schema: dict[str, Any] = _ref(r.response)
+            if r.many:
+                schema = {"type": "array", "items": schema}
+            op["responses"][str(r.status)] = {
+                "description": r.summary,
+                "content": {"application/json": {"schema": schema}},
+            }
+        else:
+            op["responses"][str(r.status)] = {"description": r.summary}
+        for code in (*r.errors, 500):
+            op["responses"][str(code)] = {
+                "description": "problem details",
+                "content": {PROBLEM_JSON: {"schema": problem_ref}},
+            }
+        paths.setdefault(r.path, {})[r.method.lower()] = op
+    paths["/openapi.json"] = {
+        "get": {
+            "summary": "This document",
+            "operationId": "openapi",
+            "responses": {"200": {"description": "OpenAPI 3.1 document"}},
+        }
+    }
+    doc: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {"title": "qusd", "version": __version__,
+                 "description": "QEMU user-mode binfmt_misc registrations, over a Unix socket"},
+        "paths": paths,
+        "components": {"schemas": schemas.get("$defs", {})},
+    }  # fmt: skip
+    return doc
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+OPENAPI = openapi_document()
+
+
+def make_app(service: Service) -> web.Application:
+    app = web.Application(middlewares=[errors], client_max_size=MAX_BODY)
+    app[SERVICE] = service
+    for r in ROUTES:
+        app.router.add_route(r.method, r.path, r.handler)
+    app.router.add_get("/openapi.json", openapi)
+    return app

@@ -1,0 +1,90 @@
+"""A small synchronous client for the daemon's API (stdlib only, so qusctl
+starts fast). A problem response becomes the QusdError of its code."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+from typing import Any
+
+from qusd.errors import DaemonUnavailableError, QusdError, error_class
+
+DEFAULT_SOCKET = "/run/qusd/qusd.sock"
+
+
+def default_socket() -> str:
+    return os.environ.get("QUSD_SOCKET", DEFAULT_SOCKET)
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.unix_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class Client:
+    def __init__(self, path: str | None = None, timeout: float = 60.0) -> None:
+        self.path = path or default_socket()
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        """The decoded JSON answer (None for 204); QusdError on any failure."""
+        conn = _UnixConnection(self.path, self.timeout)
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+        except FileNotFoundError:
+            raise DaemonUnavailableError(
+                f"qusd is not running: no socket at {self.path}; start it with "
+                "'systemctl start qusd' (or pass --socket)"
+            ) from None
+        except ConnectionRefusedError:
+            raise DaemonUnavailableError(
+                f"nothing listens on {self.path}: qusd stopped or crashed; "
+                "start it with 'systemctl start qusd'"
+            ) from None
+        except PermissionError:
+            raise DaemonUnavailableError(
+                f"permission denied on {self.path}: ask an admin to add you to the "
+                "qusd group (then log in again)"
+            ) from None
+        except (OSError, http.client.HTTPException) as e:
+            raise DaemonUnavailableError(f"talking to qusd at {self.path} failed: {e}") from None
+        finally:
+            conn.close()
+        if resp.status == 204 or not raw:
+            return None
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            raise QusdError(f"qusd answered {resp.status} with a body that is not JSON") from None
+        if resp.status >= 400:
+            detail = (
+                doc.get("detail", raw.decode(errors="replace")) if isinstance(doc, dict) else doc
+            )
+            cls = error_class(doc.get("code", "") if isinstance(doc, dict) else "")
+            err = cls.__new__(cls)
+            QusdError.__init__(err, str(detail), status=resp.status, problem=doc)
+            raise err
+        return doc
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)

@@ -1,0 +1,139 @@
+"""The daemon's settings: built-in defaults, then /etc/qusd/qusd.toml, then
+QUSD_* environment variables, then command-line flags (last wins).
+
+Plain dataclasses and tomllib: the boot-restore path reads this.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from qusd.binfmt import DEFAULT_PATH
+from qusd.errors import QusdError
+from qusd.interpreters import DEFAULT_DIRS
+
+DEFAULT_CONFIG_FILE = "/etc/qusd/qusd.toml"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+CATALOG_SOURCES = ("builtin", "binfmt.d")
+
+
+class ConfigError(QusdError):
+    code = "config"
+    http_status = 500
+    exit_status = 78  # EX_CONFIG
+
+
+@dataclass(frozen=True)
+class Config:
+    socket: str = "/run/qusd/qusd.sock"
+    state_dir: str = "/var/lib/qusd"
+    binfmt_path: str = DEFAULT_PATH
+    interpreter_dirs: tuple[str, ...] = DEFAULT_DIRS
+    log_level: str = "info"
+    sandbox: bool = False
+    catalog: str = "builtin"
+    #: seconds between checks that persistent entries are still in the
+    #: kernel (systemd-binfmt and others flush the whole table); 0: never
+    reconcile_interval: float = 5.0
+    socket_mode: int = 0o660
+    #: where the settings came from, for `status` and error messages
+    sources: tuple[str, ...] = field(default=(), compare=False)
+
+    def validated(self) -> Config:
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+        if self.catalog not in CATALOG_SOURCES:
+            raise ConfigError(f"catalog must be one of {', '.join(CATALOG_SOURCES)}")
+        if self.reconcile_interval < 0:
+            raise ConfigError("reconcile_interval must be >= 0 seconds")
+        for name in ("socket", "state_dir", "binfmt_path"):
+            if not os.path.isabs(getattr(self, name)):
+                raise ConfigError(f"{name} must be an absolute path")
+        if not self.interpreter_dirs or not all(os.path.isabs(d) for d in self.interpreter_dirs):
+            raise ConfigError("interpreter_dirs must be a non-empty list of absolute paths")
+        return self
+
+
+def _coerce(name: str, value: Any, origin: str) -> Any:
+    """A value from TOML or the environment as the field's type."""
+    default = getattr(Config(), name)
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("1", "true", "yes")
+            if not isinstance(value, bool):
+                raise TypeError(type(value).__name__)
+            return value
+        if isinstance(default, tuple):
+            items = value.split(":") if isinstance(value, str) else value
+            if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+                raise TypeError("a list of paths")
+            return tuple(i for i in items if i)
+        if name == "socket_mode" and isinstance(value, str):
+            return int(value, 8)
+        if isinstance(default, float):
+            if isinstance(value, bool):
+                raise TypeError("bool")
+            return float(value)
+        if isinstance(default, int):
+            if isinstance(value, bool):
+                raise TypeError("bool")
+            return int(value)
+        if not isinstance(value, str):
+            raise TypeError(type(value).__name__)
+        return value
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{origin}: bad value for {name}: {e}") from None
+
+
+_SETTABLE = [f.name for f in fields(Config) if f.name != "sources"]
+
+
+def load(
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str] = os.environ,
+    config_file: str | None = None,
+) -> Config:
+    """Merge the sources; flags holds only the options given on the command line."""
+    values: dict[str, Any] = {}
+    sources = ["defaults"]
+    path = config_file or environ.get("QUSD_CONFIG") or DEFAULT_CONFIG_FILE
+    explicit = config_file is not None or "QUSD_CONFIG" in environ
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {path} does not exist") from None
+        data = {}
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    else:
+        sources.append(path)
+    section = data.get("qusd", data)
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: [qusd] must be a table")
+    for key, value in section.items():
+        name = key.replace("-", "_")
+        if name not in _SETTABLE:
+            if isinstance(value, dict):
+                continue  # other sections belong to later features
+            raise ConfigError(f"{path}: unknown setting {key!r}; known: {', '.join(_SETTABLE)}")
+        values[name] = _coerce(name, value, path)
+    for name in _SETTABLE:
+        env = f"QUSD_{name.upper()}"
+        if env in environ:
+            values[name] = _coerce(name, environ[env], env)
+            sources.append(env)
+    for name, value in flags.items():
+        if value is not None:
+            values[name] = _coerce(name, value, "command line")
+    if flags:
+        sources.append("command line")
+    return replace(Config(), **values, sources=tuple(sources)).validated()

@@ -1,0 +1,211 @@
+"""qusd, the daemon: restore the persistent registrations, then serve the API.
+
+The restore runs before aiohttp or pydantic are imported, so at boot the
+registrations are in the kernel as early as Python allows; `qusd restore`
+does only that step and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+from collections.abc import Sequence
+
+from qusd import __version__, catalog, config, sandbox
+from qusd.binfmt import BinfmtMisc
+from qusd.config import Config
+from qusd.errors import QusdError
+from qusd.service import Service
+from qusd.state import State
+
+log = logging.getLogger("qusd")
+
+
+class SocketInUseError(QusdError):
+    code = "socket-in-use"
+    exit_status = 75  # EX_TEMPFAIL
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qusd",
+        description="Keep QEMU user-mode binfmt_misc registrations alive and serve them over "
+        "a Unix-socket JSON API. Settings come from /etc/qusd/qusd.toml, then QUSD_* "
+        "environment variables, then these options.",
+    )
+    p.add_argument("--version", action="version", version=f"qusd {__version__}")
+    p.add_argument(
+        "command",
+        nargs="?",
+        choices=["serve", "restore"],
+        default="serve",
+        help="serve (default): restore, then serve the API; restore: restore and exit",
+    )
+    p.add_argument("--config", metavar="FILE", help="settings file (default /etc/qusd/qusd.toml)")
+    p.add_argument("--socket", metavar="PATH", help="API socket (default /run/qusd/qusd.sock)")
+    p.add_argument("--state-dir", metavar="DIR", help="state directory (default /var/lib/qusd)")
+    p.add_argument(
+        "--binfmt-path", metavar="PATH", help="binfmt_misc mount (default /proc/sys/fs/binfmt_misc)"
+    )
+    p.add_argument(
+        "--interpreter-dir",
+        action="append",
+        metavar="DIR",
+        dest="interpreter_dirs",
+        help="where interpreters are looked up, in order (repeatable; default /usr/bin, "
+        "/usr/local/bin, /usr/libexec/qemu-binfmt)",
+    )
+    p.add_argument("--catalog", choices=config.CATALOG_SOURCES, help="target table source")
+    p.add_argument(
+        "--reconcile-interval",
+        type=float,
+        metavar="SECONDS",
+        help="how often to re-register persistent entries another tool removed (0: never)",
+    )
+    p.add_argument("--log-level", choices=config.LOG_LEVELS)
+    p.add_argument(
+        "--sandbox",
+        action="store_true",
+        default=None,
+        help="run in a new user + mount namespace with a private binfmt_misc (Linux >= 6.7): "
+        "nothing outside it changes; works without privilege",
+    )
+    return p
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="qusd: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def build_service(cfg: Config, sandbox_pid: int | None = None) -> Service:
+    return Service(
+        kernel=BinfmtMisc(cfg.binfmt_path),
+        state=State.load(cfg.state_dir),
+        catalog=catalog.load(cfg.catalog),
+        interpreter_dirs=cfg.interpreter_dirs,
+        sandbox_pid=sandbox_pid,
+    )
+
+
+def bind_unix(path: str, mode: int) -> socket.socket:
+    """A listening Unix socket at path; a stale file from a crash is replaced,
+    a live daemon is not."""
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SocketInUseError(f"{path} exists and is not a socket; remove it or pick another")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # nobody listens: left by a crash
+            log.info("removed stale socket %s", path)
+        else:
+            raise SocketInUseError(f"another daemon is serving on {path}; stop it first")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # never reachable by others before the chmod
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    sock.listen(128)
+    return sock
+
+
+async def serve(cfg: Config, svc: Service) -> None:
+    from aiohttp import web  # noqa: PLC0415 - only once the registrations are restored
+
+    from qusd import api  # noqa: PLC0415
+
+    runner = web.AppRunner(api.make_app(svc), handle_signals=False, access_log=None)
+    await runner.setup()
+    sock = bind_unix(cfg.socket, cfg.socket_mode)
+    site = web.SockSite(runner, sock, shutdown_timeout=10)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    regs = svc.registrations() if svc.kernel.is_mounted() else []
+    log.info("serving on %s (%d entries, %d managed)", cfg.socket, len(regs),
+             sum(r.managed for r in regs))  # fmt: skip
+    keeper = asyncio.create_task(keep_alive(svc, cfg.reconcile_interval))
+    try:
+        await stop.wait()
+        log.info("stopping: finishing requests in flight")
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+        await runner.cleanup()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(cfg.socket)
+    log.info("stopped; registrations stay in the kernel")
+
+
+async def keep_alive(svc: Service, interval: float) -> None:
+    """Re-register persistent entries that vanished (another tool flushed
+    the table: systemd-binfmt does at every start)."""
+    if interval <= 0:
+        return
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            report = await svc.reconcile()
+        except QusdError as e:
+            log.error("reconcile: %s", e.message)
+            continue
+        if report.restored:
+            log.warning(
+                "re-registered %s: they had been removed from the kernel",
+                ", ".join(report.restored),
+            )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = parser().parse_args(argv)
+    flags = {k: v for k, v in vars(ns).items() if k not in ("command", "config")}
+    if flags.get("interpreter_dirs"):
+        flags["interpreter_dirs"] = tuple(flags["interpreter_dirs"])
+    try:
+        cfg = config.load(flags, os.environ, ns.config)
+        setup_logging(cfg.log_level)
+        sandbox_pid = None
+        if cfg.sandbox:
+            sandbox.create(cfg.binfmt_path)
+            sandbox_pid = os.getpid()
+            log.info("in a sandbox (pid %d): a private binfmt_misc at %s", sandbox_pid,
+                     cfg.binfmt_path)  # fmt: skip
+        svc = build_service(cfg, sandbox_pid)
+        svc.ensure_mounted()
+        report = svc.restore()
+        log.info("restore: %s", report.summary())
+        if ns.command == "restore":
+            return 1 if report.failed else 0
+        asyncio.run(serve(cfg, svc))
+    except QusdError as e:
+        print(f"qusd: {e.message}", file=sys.stderr)
+        return e.exit_status
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""The API contract: pydantic models for every request and response.
+
+Requests are strict and refuse unknown fields; every field the kernel would
+refuse is refused here first, by the same checks the rule builder uses. The
+OpenAPI document is generated from these classes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from qusd import binfmt
+from qusd.binfmt import Entry, Rule
+from qusd.catalog import Catalog
+from qusd.errors import InvalidRuleError, QusdError
+from qusd.service import Registration, TargetInfo
+
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
+
+
+def _invalid(reason: str) -> PydanticCustomError:
+    """A validation error whose message is reason, as is."""
+    return PydanticCustomError("invalid", "{reason}", {"reason": reason})
+
+
+def _hex(value: str) -> str:
+    if not _HEX.fullmatch(value):
+        raise _invalid("must be hex digits, two per byte (e.g. 7f454c46)")
+    return value.lower()
+
+
+def _field(check: Any) -> Any:
+    """Run a binfmt field check; its message becomes the validation error."""
+
+    def validate(value: Any) -> Any:
+        try:
+            check(value)
+        except InvalidRuleError as e:
+            raise _invalid(e.message.split(": ", 1)[1]) from None
+        return value
+
+    return AfterValidator(validate)
+
+
+Hex = Annotated[str, AfterValidator(_hex), Field(max_length=2 * binfmt.BINPRM_BUF_SIZE)]
+Flags = Annotated[
+    str,
+    Field(max_length=8, description="binfmt_misc flags: any of P, O, C, F"),
+    _field(binfmt.check_flags),
+]
+Name = Annotated[str, Field(min_length=1, max_length=255), _field(binfmt.check_name)]
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class EntrySpec(Request):
+    """A custom rule: any magic or extension, any interpreter."""
+
+    name: Name
+    type: Literal["magic", "extension"] = "magic"
+    offset: int = Field(0, ge=0, lt=binfmt.BINPRM_BUF_SIZE)
+    magic: Hex | None = None
+    mask: Hex | None = None
+    extension: Annotated[str, _field(binfmt.check_extension)] | None = None
+    interpreter: Annotated[str, Field(max_length=1024), _field(binfmt.check_interpreter)]
+    flags: Flags = ""
+
+    @model_validator(mode="after")
+    def _whole_rule(self) -> EntrySpec:
+        if self.type == "magic" and (self.magic is None or self.extension is not None):
+            raise _invalid("a magic rule needs magic (hex) and no extension")
+        if self.type == "extension" and (
+            self.extension is None or self.magic is not None or self.mask is not None
+        ):
+            raise _invalid("an extension rule needs extension and no magic or mask")
+        try:
+            self.rule().encode()
+        except InvalidRuleError as e:
+            raise _invalid(e.message) from None
+        return self
+
+    def rule(self) -> Rule:
+        if self.type == "extension":
+            return Rule(self.name, self.interpreter, extension=self.extension, flags=self.flags)
+        return Rule(
+            name=self.name,
+            interpreter=self.interpreter,
+            magic=bytes.fromhex(self.magic or ""),
+            mask=bytes.fromhex(self.mask) if self.mask is not None else None,
+            offset=self.offset,
+            flags=self.flags,
+        )
+
+
+class RegisterRequest(Request):
+    """Register catalog targets, or one custom entry."""
+
+    targets: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        None,
+        max_length=64,
+        description="catalog targets or aliases (arm64, linux/arm/v7, ...); omitted: every "
+        "target of another family than the host's that has an interpreter",
+    )
+    entry: EntrySpec | None = None
+    flags: Flags | None = Field(None, description="for targets; default F")
+    persistent: bool = Field(True, description="restore at every start")
+    replace: bool = Field(False, description="overwrite an entry of the same name")
+
+    @field_validator("targets")
+    @classmethod
+    def _known(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        catalog: Catalog | None = (info.context or {}).get("catalog")
+        if value is not None and catalog is not None:
+            for name in value:
+                try:
+                    catalog.get(name)
+                except QusdError as e:
+                    raise _invalid(e.message) from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RegisterRequest:
+        if self.entry is not None and (self.targets is not None or self.flags is not None):
+            raise _invalid("give either targets (and flags) or entry, not both")
+        return self
+
+
+class EnableRequest(Request):
+    enabled: bool
+
+
+class ResetRequest(Request):
+    scope: Literal["managed", "qemu", "all"] = Field(
+        "managed",
+        description="managed: what qusd created; qemu: every qemu-* entry; all: the whole table",
+    )
+
+
+# -- responses ----------------------------------------------------------------
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class RegistrationOut(BaseModel):
+    name: str
+    enabled: bool
+    type: Literal["magic", "extension"]
+    offset: int
+    magic: str | None = Field(description="hex")
+    mask: str | None = Field(description="hex")
+    extension: str | None
+    interpreter: str
+    flags: str
+    managed: bool = Field(description="created by qusd")
+    persistent: bool = Field(description="restored at every start")
+    target: str | None = Field(description="the catalog target it runs, if any")
+
+    @classmethod
+    def of(cls, reg: Registration) -> RegistrationOut:
+        e: Entry = reg.entry
+        magic = e.type == "M"
+        return cls(
+            name=e.name,
+            enabled=e.enabled,
+            type="magic" if magic else "extension",
+            offset=e.offset,
+            magic=e.magic.hex() if magic else None,
+            mask=e.mask.hex() if e.mask is not None else None,
+            extension=e.extension,
+            interpreter=e.interpreter,
+            flags=e.flags,
+            managed=reg.managed,
+            persistent=reg.persistent,
+            target=reg.target,
+        )
+
+
+class RegisterResponse(BaseModel):
+    registered: list[RegistrationOut]
+    unchanged: list[RegistrationOut]
+
+
+class ResetResponse(BaseModel):
+    removed: list[str]
+
+
+class TargetOut(BaseModel):
+    name: str
+    family: str
+    native: bool = Field(description="the host's own family: not registered by default")
+    offset: int
+    magic: str
+    mask: str
+    interpreter: str | None
+    static: bool | None = Field(description="statically linked (needed with F in containers)")
+
+    @classmethod
+    def of(cls, info: TargetInfo) -> TargetOut:
+        t = info.target
+        return cls(
+            name=t.name,
+            family=t.family,
+            native=info.native,
+            offset=t.offset,
+            magic=t.magic.hex(),
+            mask=t.mask.hex(),
+            interpreter=info.interpreter.path if info.interpreter else None,
+            static=info.interpreter.static if info.interpreter else None,
+        )
+
+
+class BinfmtStatus(BaseModel):
+    path: str
+    mounted: bool
+    enabled: bool | None
+
+
+class SandboxInfo(BaseModel):
+    pid: int
+
+
+class Counts(BaseModel):
+    entries: int
+    managed: int
+    persistent: int
+    recorded: int
+
+
+class StatusWarning(BaseModel):
+    code: str
+    message: str
+
+
+class Status(BaseModel):
+    version: str
+    kernel: str
+    machine: str
+    family: str
+    binfmt_misc: BinfmtStatus
+    sandbox: SandboxInfo | None
+    catalog: str
+    state_file: str
+    counts: Counts
+    warnings: list[StatusWarning]
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    errors: list[FieldError] | None = None

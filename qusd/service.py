@@ -1,0 +1,402 @@
+"""The service: every operation on the table, serialized, all or nothing.
+
+Each mutation changes the kernel first and the state second; when the state
+cannot be written the kernel change is undone, so the two never disagree
+about what qusd manages. Nothing here knows about HTTP or pydantic: the
+boot-restore path runs this module too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+from qusd import __version__, interpreters
+from qusd.binfmt import BinfmtMisc, Entry, Rule
+from qusd.catalog import Catalog, Target, family_of, host_machine
+from qusd.errors import (
+    EntryExistsError,
+    InterpreterError,
+    NoSuchEntryError,
+    NotMountedError,
+    QusdError,
+)
+from qusd.state import Record, State
+
+log = logging.getLogger("qusd.service")
+
+RESET_SCOPES = ("managed", "qemu", "all")
+
+
+class ConflictError(EntryExistsError):
+    """Same name, another definition."""
+
+    code = "conflict"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A kernel entry as qusd sees it."""
+
+    entry: Entry
+    managed: bool
+    persistent: bool
+    target: str | None
+
+
+@dataclass
+class RegisterResult:
+    registered: list[Registration] = field(default_factory=list)
+    unchanged: list[Registration] = field(default_factory=list)
+
+
+@dataclass
+class RestoreReport:
+    restored: list[str] = field(default_factory=list)
+    adopted: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"restored {len(self.restored)}", f"adopted {len(self.adopted)}"]
+        if self.conflicts:
+            parts.append(f"{len(self.conflicts)} in conflict")
+        if self.failed:
+            parts.append(f"{len(self.failed)} failed")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    target: Target
+    native: bool
+    interpreter: interpreters.Interpreter | None
+
+
+class _Undo:
+    """Kernel changes made so far in one operation, undone in reverse."""
+
+    def __init__(self) -> None:
+        self._steps: list[tuple[str, Callable[[], object]]] = []
+
+    def push(self, what: str, step: Callable[[], object]) -> None:
+        self._steps.append((what, step))
+
+    def run(self) -> None:
+        for what, step in reversed(self._steps):
+            try:
+                step()
+            except QusdError as e:
+                log.error("rollback: could not %s: %s", what, e.message)
+        self._steps.clear()
+
+
+class Service:
+    def __init__(
+        self,
+        kernel: BinfmtMisc,
+        state: State,
+        catalog: Catalog,
+        interpreter_dirs: Sequence[str] = interpreters.DEFAULT_DIRS,
+        sandbox_pid: int | None = None,
+    ) -> None:
+        self.kernel = kernel
+        self.state = state
+        self.catalog = catalog
+        self.interpreter_dirs = tuple(interpreter_dirs)
+        self.sandbox_pid = sandbox_pid
+        self.machine = host_machine()
+        self.family = family_of(self.machine)
+        self.lock = asyncio.Lock()
+        #: (code, message) pairs for /v1/status: conflicts, corrupt state, ...
+        self.warnings: dict[str, str] = {f"state:{i}": w for i, w in enumerate(state.warnings)}
+
+    # -- start-up ---------------------------------------------------------
+
+    def ensure_mounted(self) -> None:
+        """Mount binfmt_misc if it is not; say so in status when we may not."""
+        if self.kernel.is_mounted():
+            return
+        try:
+            self.kernel.mount()
+            log.info("mounted binfmt_misc at %s", self.kernel.path)
+            self.warnings.pop("not-mounted", None)
+        except QusdError as e:
+            self.warnings["not-mounted"] = e.message
+            log.error("%s", e.message)
+
+    def restore(self) -> RestoreReport:
+        """Bring the kernel in line with the state: register what is missing,
+        adopt what is there, leave conflicts alone and report them."""
+        report = RestoreReport()
+        if not self.kernel.is_mounted():
+            return report
+        records = dict(self.state.records)
+        for name, rec in self.state.records.items():
+            existing = self.kernel.get(name)
+            if existing is not None:
+                if existing.rule() == rec.rule:
+                    report.adopted.append(name)
+                    self.warnings.pop(f"conflict:{name}", None)
+                else:
+                    report.conflicts.append(name)
+                    msg = (
+                        f"{name} is in the kernel with another definition "
+                        f"({existing.describe()}); qusd left it alone"
+                    )
+                    if self.warnings.get(f"conflict:{name}") != msg:
+                        log.warning("%s", msg)
+                    self.warnings[f"conflict:{name}"] = msg
+                continue
+            if not rec.persistent:
+                report.dropped.append(name)
+                del records[name]
+                continue
+            try:
+                self.kernel.register(rec.rule)
+                if not rec.enabled:
+                    self.kernel.disable(name)
+            except QusdError as e:
+                report.failed.append(name)
+                self.warnings[f"restore:{name}"] = f"could not restore {name}: {e.message}"
+                log.error("could not restore %s: %s", name, e.message)
+                continue
+            self.warnings.pop(f"restore:{name}", None)
+            report.restored.append(name)
+            log.info("restored %s (%s)", name, rec.rule.interpreter)
+        if report.dropped:
+            try:
+                self.state.save(records)
+            except QusdError as e:
+                log.error("%s", e.message)
+        return report
+
+    async def reconcile(self) -> RestoreReport:
+        """restore(), under the lock: run periodically so that entries another
+        tool flushed (systemd-binfmt does at start) come back."""
+        async with self.lock:
+            if not self.kernel.is_mounted():
+                self.ensure_mounted()
+            return self.restore()
+
+    # -- reading ----------------------------------------------------------
+
+    def _target_of(self, entry: Entry) -> str | None:
+        if entry.type == "M":
+            for t in self.catalog:
+                if (t.offset, t.magic, t.mask) == (entry.offset, entry.magic, entry.mask):
+                    return t.name
+        if entry.name.startswith("qemu-"):
+            try:
+                return self.catalog.get(entry.name[len("qemu-") :]).name
+            except QusdError:
+                return None
+        return None
+
+    def _view(self, entry: Entry) -> Registration:
+        rec = self.state.records.get(entry.name)
+        managed = rec is not None and rec.rule == entry.rule()
+        return Registration(
+            entry=entry,
+            managed=managed,
+            persistent=managed and rec is not None and rec.persistent,
+            target=self._target_of(entry),
+        )
+
+    def registrations(self) -> list[Registration]:
+        return [self._view(e) for e in self.kernel.entries()]
+
+    def registration(self, name: str) -> Registration:
+        return self._view(self.kernel.entry(name))
+
+    def targets(self) -> list[TargetInfo]:
+        return [
+            TargetInfo(t, t.family == self.family, interpreters.find(t, self.interpreter_dirs))
+            for t in self.catalog
+        ]
+
+    # -- mutations ----------------------------------------------------------
+
+    def rule_for(self, target: Target, flags: str) -> Rule:
+        interp = interpreters.find(target, self.interpreter_dirs)
+        if interp is None:
+            names = " or ".join(interpreters.candidates(target))
+            raise InterpreterError(
+                f"no interpreter for {target.name}: no {names} in "
+                f"{', '.join(self.interpreter_dirs)}; install qemu-user-static",
+                target=target.name,
+            )
+        return target.rule(interp.path, flags)
+
+    def plan_targets(self, names: Sequence[str] | None, flags: str) -> list[tuple[Rule, str]]:
+        """The rules for named targets; with no names, every target of
+        another family than the host's that has an interpreter."""
+        if names is None:
+            chosen = [t for t in self.catalog.foreign(self.family)
+                      if interpreters.find(t, self.interpreter_dirs)]  # fmt: skip
+        else:
+            chosen = self.catalog.resolve(names)
+        return [(self.rule_for(t, flags), t.name) for t in chosen]
+
+    async def register(
+        self,
+        items: Sequence[tuple[Rule, str | None]],
+        persistent: bool = True,
+        replace_existing: bool = False,
+    ) -> RegisterResult:
+        """Register rules (with their catalog target, if any), all or none."""
+        async with self.lock:
+            self._require_mounted()
+            result = RegisterResult()
+            records = dict(self.state.records)
+            plan: list[tuple[Rule, Entry | None]] = []
+            for given, target in items:
+                rule = given.normalized()
+                rule.encode()
+                existing = self.kernel.get(rule.name)
+                if existing is not None and existing.rule() == rule:
+                    result.unchanged.append(self._view(existing))
+                elif existing is not None and not replace_existing:
+                    raise ConflictError(
+                        f"{rule.name} is already registered with another definition "
+                        f"({existing.describe()}); pass replace to overwrite it",
+                        name=rule.name,
+                    )
+                else:
+                    plan.append((rule, existing))
+                old = records.get(rule.name)
+                enabled = (
+                    existing.enabled if existing is not None and existing.rule() == rule else True
+                )
+                if old is None or old.rule != rule or old.persistent != persistent:
+                    records[rule.name] = Record(rule, persistent, enabled, target)
+            undo = _Undo()
+            try:
+                for rule, existing in plan:
+                    if existing is not None:
+                        self.kernel.remove(rule.name)
+                        undo.push(f"re-register {rule.name}", _reregister(self.kernel, existing))
+                    self.kernel.register(rule)
+                    undo.push(f"remove {rule.name}", _remover(self.kernel, rule.name))
+                if records != self.state.records:
+                    self.state.save(records)
+            except QusdError:
+                undo.run()
+                raise
+            for rule, _ in plan:
+                log.info("registered %s (%s, flags %s)", rule.name, rule.interpreter, rule.flags)
+                result.registered.append(self._view(self.kernel.entry(rule.name)))
+            result.unchanged = [
+                self._view(self.kernel.entry(r.entry.name)) for r in result.unchanged
+            ]
+            return result
+
+    async def set_enabled(self, name: str, enabled: bool) -> Registration:
+        async with self.lock:
+            entry = self.kernel.entry(name)
+            if entry.enabled != enabled:
+                (self.kernel.enable if enabled else self.kernel.disable)(name)
+            view = self._view(self.kernel.entry(name))
+            rec = self.state.records.get(name)
+            if view.managed and rec is not None and rec.enabled != enabled:
+                try:
+                    self.state.save({**self.state.records, name: replace(rec, enabled=enabled)})
+                except QusdError:
+                    (self.kernel.enable if entry.enabled else self.kernel.disable)(name)
+                    raise
+            log.info("%s %s", "enabled" if enabled else "disabled", name)
+            return view
+
+    async def unregister(self, name: str) -> None:
+        async with self.lock:
+            entry = self.kernel.get(name) if self.kernel.is_mounted() else None
+            if entry is None and name not in self.state.records:
+                raise NoSuchEntryError(f"no binfmt_misc entry named {name!r}")
+            await self._remove([entry] if entry else [], forget=[name])
+            log.info("unregistered %s", name)
+
+    async def reset(self, scope: str = "managed") -> list[str]:
+        """Remove what qusd made, every qemu-* entry, or everything."""
+        if scope not in RESET_SCOPES:
+            raise ValueError(scope)
+        async with self.lock:
+            self._require_mounted()
+            entries = self.kernel.entries()
+            if scope == "managed":
+                chosen = [e for e in entries if self._view(e).managed]
+                forget = list(self.state.records)
+            elif scope == "qemu":
+                chosen = [e for e in entries if e.name.startswith("qemu-")]
+                forget = [n for n in self.state.records if n.startswith("qemu-")]
+            else:
+                chosen, forget = entries, list(self.state.records)
+            await self._remove(chosen, forget)
+            names = [e.name for e in chosen]
+            log.info("reset (%s): removed %s", scope, ", ".join(names) or "nothing")
+            return names
+
+    async def _remove(self, entries: Iterable[Entry], forget: Iterable[str]) -> None:
+        """Remove entries from the kernel and names from the state; the lock is held."""
+        gone = set(forget)
+        records = {n: r for n, r in self.state.records.items() if n not in gone}
+        undo = _Undo()
+        try:
+            for e in entries:
+                self.kernel.remove(e.name)
+                undo.push(f"re-register {e.name}", _reregister(self.kernel, e))
+            if records != self.state.records:
+                self.state.save(records)
+        except QusdError:
+            undo.run()
+            raise
+
+    def _require_mounted(self) -> None:
+        if not self.kernel.is_mounted():
+            raise NotMountedError(
+                self.warnings.get("not-mounted")
+                or f"binfmt_misc is not mounted at {self.kernel.path}"
+            )
+
+    # -- status -------------------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        mounted = self.kernel.is_mounted()
+        regs = self.registrations() if mounted else []
+        return {
+            "version": __version__,
+            "kernel": os.uname().release,
+            "machine": self.machine,
+            "family": self.family,
+            "binfmt_misc": {
+                "path": str(self.kernel.path),
+                "mounted": mounted,
+                "enabled": self.kernel.enabled() if mounted else None,
+            },
+            "sandbox": {"pid": self.sandbox_pid} if self.sandbox_pid else None,
+            "catalog": self.catalog.source,
+            "state_file": str(self.state.path),
+            "counts": {
+                "entries": len(regs),
+                "managed": sum(r.managed for r in regs),
+                "persistent": sum(r.persistent for r in regs),
+                "recorded": len(self.state.records),
+            },
+            "warnings": [{"code": k.split(":")[0], "message": v} for k, v in self.warnings.items()],
+        }
+
+
+def _remover(kernel: BinfmtMisc, name: str) -> Callable[[], None]:
+    return lambda: kernel.remove(name)
+
+
+def _reregister(kernel: BinfmtMisc, entry: Entry) -> Callable[[], None]:
+    def step() -> None:
+        kernel.register(entry.rule())
+        if not entry.enabled:
+            kernel.disable(entry.name)
+
+    return step
