@@ -35,10 +35,14 @@ test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory lint
 
+# The daemon in a sandbox with its own binfmt_misc; socket and state in ./run.
+run: setup
+	@sh tools/run.sh
+
 lint: $(VENV)/.installed
 	$(BIN)/ruff check qusd tests
 	$(BIN)/ruff format --check qusd tests
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) $(CACHE) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(CACHE) run .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ from qusd.models import (
     ResetResponse,
     Status,
     TargetOut,
+    printable,
 )
 from qusd.service import Service
 
@@ -46,7 +47,14 @@ SERVICE: web.AppKey[Service] = web.AppKey("service", Service)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> web.Response:
+def problem(
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    headers: Mapping[str, str] | None = None,
+    **extra: Any,
+) -> web.Response:
     body = Problem(
         type=f"urn:qusd:problem:{code}",
         title=title,
@@ -59,6 +67,7 @@ def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> we
         status=status,
         text=body.model_dump_json(exclude_none=True),
         content_type=PROBLEM_JSON,
+        headers=headers,
     )
 
 
@@ -82,7 +91,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if e.status < 400:
             raise
         code = {404: "not-found", 405: "method-not-allowed", 413: "too-large"}.get(e.status, "http")
-        return problem(e.status, code, e.reason, e.text or e.reason)
+        kept = {k: v for k, v in e.headers.items() if k.lower() in ("allow", "retry-after")}
+        return problem(e.status, code, e.reason, e.text or e.reason, headers=kept)
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
         return problem(500, "internal", "Internal error", "internal error; see the daemon's log")
@@ -101,6 +111,8 @@ async def body(request: web.Request, model: type[Any]) -> Any:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise MalformedRequestError(f"the body is not JSON: {e}") from None
+    except RecursionError:
+        raise MalformedRequestError("the body is nested too deeply") from None
     svc = request.app[SERVICE]
     return model.model_validate(data, context={"catalog": svc.catalog})
 
@@ -167,7 +179,8 @@ async def delete_registration(request: web.Request) -> web.Response:
 
 async def reset(request: web.Request) -> web.Response:
     req: ResetRequest = await body(request, ResetRequest)
-    return reply(ResetResponse(removed=await request.app[SERVICE].reset(req.scope)))
+    removed = await request.app[SERVICE].reset(req.scope)
+    return reply(ResetResponse(removed=[printable(n) for n in removed]))
 
 
 async def openapi(request: web.Request) -> web.Response:

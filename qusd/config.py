@@ -6,6 +6,7 @@ Plain dataclasses and tomllib: the boot-restore path reads this.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -13,18 +14,12 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from qusd.binfmt import DEFAULT_PATH
-from qusd.errors import QusdError
+from qusd.errors import ConfigError
 from qusd.interpreters import DEFAULT_DIRS
 
 DEFAULT_CONFIG_FILE = "/etc/qusd/qusd.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 CATALOG_SOURCES = ("builtin", "binfmt.d")
-
-
-class ConfigError(QusdError):
-    code = "config"
-    http_status = 500
-    exit_status = 78  # EX_CONFIG
 
 
 @dataclass(frozen=True)
@@ -48,7 +43,7 @@ class Config:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         if self.catalog not in CATALOG_SOURCES:
             raise ConfigError(f"catalog must be one of {', '.join(CATALOG_SOURCES)}")
-        if self.reconcile_interval < 0:
+        if not math.isfinite(self.reconcile_interval) or self.reconcile_interval < 0:
             raise ConfigError("reconcile_interval must be >= 0 seconds")
         for name in ("socket", "state_dir", "binfmt_path"):
             if not os.path.isabs(getattr(self, name)):
@@ -134,6 +129,6 @@ def load(
     for name, value in flags.items():
         if value is not None:
             values[name] = _coerce(name, value, "command line")
-    if flags:
+    if any(v is not None for v in flags.values()):
         sources.append("command line")
     return replace(Config(), **values, sources=tuple(sources)).validated()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -21,16 +22,11 @@ from collections.abc import Sequence
 from qusd import __version__, catalog, config, sandbox
 from qusd.binfmt import BinfmtMisc
 from qusd.config import Config
-from qusd.errors import QusdError
+from qusd.errors import QusdError, SocketInUseError
 from qusd.service import Service
 from qusd.state import State
 
 log = logging.getLogger("qusd")
-
-
-class SocketInUseError(QusdError):
-    code = "socket-in-use"
-    exit_status = 75  # EX_TEMPFAIL
 
 
 def parser() -> argparse.ArgumentParser:
@@ -130,14 +126,28 @@ def bind_unix(path: str, mode: int) -> socket.socket:
     return sock
 
 
-async def serve(cfg: Config, svc: Service) -> None:
+def lock_state_dir(state_dir: str) -> int:
+    """Hold an exclusive lock on the state directory for the process's life:
+    two daemons writing one state file would undo each other."""
+    os.makedirs(state_dir, mode=0o755, exist_ok=True)
+    fd = os.open(os.path.join(state_dir, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SocketInUseError(
+            f"another qusd uses the state directory {state_dir}; stop it first"
+        ) from None
+    return fd
+
+
+async def serve(cfg: Config, svc: Service, sock: socket.socket) -> None:
     from aiohttp import web  # noqa: PLC0415 - only once the registrations are restored
 
     from qusd import api  # noqa: PLC0415
 
     runner = web.AppRunner(api.make_app(svc), handle_signals=False, access_log=None)
     await runner.setup()
-    sock = bind_unix(cfg.socket, cfg.socket_mode)
     site = web.SockSite(runner, sock, shutdown_timeout=10)
     await site.start()
     stop = asyncio.Event()
@@ -194,13 +204,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             sandbox_pid = os.getpid()
             log.info("in a sandbox (pid %d): a private binfmt_misc at %s", sandbox_pid,
                      cfg.binfmt_path)  # fmt: skip
+        # Claim the socket and the state before changing anything: a second
+        # daemon must fail without touching the first one's table or state.
+        sock = bind_unix(cfg.socket, cfg.socket_mode) if ns.command == "serve" else None
+        lock_state_dir(cfg.state_dir)
         svc = build_service(cfg, sandbox_pid)
         svc.ensure_mounted()
         report = svc.restore()
         log.info("restore: %s", report.summary())
-        if ns.command == "restore":
+        if sock is None:
             return 1 if report.failed else 0
-        asyncio.run(serve(cfg, svc))
+        asyncio.run(serve(cfg, svc, sock))
     except QusdError as e:
         print(f"qusd: {e.message}", file=sys.stderr)
         return e.exit_status

@@ -126,3 +126,55 @@ class RequestValidationError(QusdError):
     code = "validation"
     http_status = 422
     exit_status = 65
+
+
+class ConflictError(EntryExistsError):
+    """Same name, another definition."""
+
+    code = "conflict"
+
+
+class StateError(QusdError):
+    """The state file could not be written; the change was rolled back."""
+
+    code = "state"
+    http_status = 500
+    exit_status = 74  # EX_IOERR
+
+
+class ConfigError(QusdError):
+    code = "config"
+    http_status = 500
+    exit_status = 78  # EX_CONFIG
+
+
+class SocketInUseError(QusdError):
+    """Another daemon serves on the socket or uses the state directory."""
+
+    code = "socket-in-use"
+    http_status = 500
+    exit_status = 75  # EX_TEMPFAIL
+
+
+class ForbiddenError(QusdError):
+    """The caller's role does not allow this; the message names the rule."""
+
+    code = "forbidden"
+    http_status = 403
+    exit_status = 77  # EX_NOPERM
+
+
+class UntrustedInterpreterError(QusdError):
+    """An interpreter others could replace: it would run in their processes."""
+
+    code = "untrusted-interpreter"
+    http_status = 403
+    exit_status = 77
+
+
+class HostTypeError(QusdError):
+    """The rule would capture the host's own programs."""
+
+    code = "host-type"
+    http_status = 403
+    exit_status = 77

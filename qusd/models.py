@@ -30,6 +30,12 @@ from qusd.service import Registration, TargetInfo
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
 
 
+def printable(text: str) -> str:
+    """Text from the kernel as valid UTF-8: bytes that are not (another tool
+    may name an entry b"caf\\xe9") are shown as \\xHH escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _invalid(reason: str) -> PydanticCustomError:
     """A validation error whose message is reason, as is."""
     return PydanticCustomError("invalid", "{reason}", {"reason": reason})
@@ -78,6 +84,35 @@ class EntrySpec(Request):
     extension: Annotated[str, _field(binfmt.check_extension)] | None = None
     interpreter: Annotated[str, Field(max_length=1024), _field(binfmt.check_interpreter)]
     flags: Flags = ""
+
+    # Checks that need an earlier field run here, so the error names the field.
+
+    @field_validator("offset")
+    @classmethod
+    def _offset(cls, value: int, info: ValidationInfo) -> int:
+        if value and info.data.get("type") == "extension":
+            raise _invalid("an extension rule has no offset")
+        return value
+
+    @field_validator("magic")
+    @classmethod
+    def _magic_fits(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            try:
+                binfmt.check_magic(bytes.fromhex(value), None, info.data.get("offset", 0))
+            except InvalidRuleError as e:
+                raise _invalid(e.message.split(": ", 1)[1]) from None
+        return value
+
+    @field_validator("mask")
+    @classmethod
+    def _mask_length(cls, value: str | None, info: ValidationInfo) -> str | None:
+        magic = info.data.get("magic")
+        if value is not None and magic is not None and len(value) != len(magic):
+            raise _invalid(
+                f"is {len(value) // 2} bytes, magic is {len(magic) // 2}: they must be equal"
+            )
+        return value
 
     @model_validator(mode="after")
     def _whole_rule(self) -> EntrySpec:
@@ -176,14 +211,14 @@ class RegistrationOut(BaseModel):
         e: Entry = reg.entry
         magic = e.type == "M"
         return cls(
-            name=e.name,
+            name=printable(e.name),
             enabled=e.enabled,
             type="magic" if magic else "extension",
             offset=e.offset,
             magic=e.magic.hex() if magic else None,
             mask=e.mask.hex() if e.mask is not None else None,
-            extension=e.extension,
-            interpreter=e.interpreter,
+            extension=printable(e.extension) if e.extension is not None else None,
+            interpreter=printable(e.interpreter),
             flags=e.flags,
             managed=reg.managed,
             persistent=reg.persistent,

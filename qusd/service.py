@@ -18,7 +18,7 @@ from qusd import __version__, interpreters
 from qusd.binfmt import BinfmtMisc, Entry, Rule
 from qusd.catalog import Catalog, Target, family_of, host_machine
 from qusd.errors import (
-    EntryExistsError,
+    ConflictError,
     InterpreterError,
     NoSuchEntryError,
     NotMountedError,
@@ -29,12 +29,7 @@ from qusd.state import Record, State
 log = logging.getLogger("qusd.service")
 
 RESET_SCOPES = ("managed", "qemu", "all")
-
-
-class ConflictError(EntryExistsError):
-    """Same name, another definition."""
-
-    code = "conflict"
+_TRANSIENT = ("conflict:", "restore:")
 
 
 @dataclass(frozen=True)
@@ -135,45 +130,48 @@ class Service:
         report = RestoreReport()
         if not self.kernel.is_mounted():
             return report
+        before = self.warnings
+        # conflict and restore warnings describe the table now: rebuilt each time
+        self.warnings = {k: v for k, v in before.items() if not k.startswith(_TRANSIENT)}
         records = dict(self.state.records)
         for name, rec in self.state.records.items():
             existing = self.kernel.get(name)
-            if existing is not None:
-                if existing.rule() == rec.rule:
-                    report.adopted.append(name)
-                    self.warnings.pop(f"conflict:{name}", None)
-                else:
-                    report.conflicts.append(name)
-                    msg = (
-                        f"{name} is in the kernel with another definition "
-                        f"({existing.describe()}); qusd left it alone"
-                    )
-                    if self.warnings.get(f"conflict:{name}") != msg:
-                        log.warning("%s", msg)
-                    self.warnings[f"conflict:{name}"] = msg
-                continue
-            if not rec.persistent:
+            if existing is not None and existing.rule() == rec.rule:
+                report.adopted.append(name)
+            elif existing is not None:
+                report.conflicts.append(name)
+                self._warn(
+                    before,
+                    f"conflict:{name}",
+                    f"{name} is in the kernel with another definition "
+                    f"({existing.describe()}); qusd left it alone",
+                )
+            elif not rec.persistent:
                 report.dropped.append(name)
                 del records[name]
-                continue
-            try:
-                self.kernel.register(rec.rule)
-                if not rec.enabled:
-                    self.kernel.disable(name)
-            except QusdError as e:
-                report.failed.append(name)
-                self.warnings[f"restore:{name}"] = f"could not restore {name}: {e.message}"
-                log.error("could not restore %s: %s", name, e.message)
-                continue
-            self.warnings.pop(f"restore:{name}", None)
-            report.restored.append(name)
-            log.info("restored %s (%s)", name, rec.rule.interpreter)
+            else:
+                try:
+                    self.kernel.register(rec.rule)
+                    if not rec.enabled:
+                        self.kernel.disable(name)
+                except QusdError as e:
+                    report.failed.append(name)
+                    self._warn(before, f"restore:{name}", f"could not restore {name}: {e.message}")
+                    continue
+                report.restored.append(name)
+                log.info("restored %s (%s)", name, rec.rule.interpreter)
         if report.dropped:
             try:
                 self.state.save(records)
             except QusdError as e:
                 log.error("%s", e.message)
         return report
+
+    def _warn(self, before: dict[str, str], key: str, message: str) -> None:
+        """Record a warning; log it only when it is new."""
+        if before.get(key) != message:
+            log.warning("%s", message)
+        self.warnings[key] = message
 
     async def reconcile(self) -> RestoreReport:
         """restore(), under the lock: run periodically so that entries another
@@ -263,17 +261,17 @@ class Service:
                 elif existing is not None and not replace_existing:
                     raise ConflictError(
                         f"{rule.name} is already registered with another definition "
-                        f"({existing.describe()}); pass replace to overwrite it",
+                        f"({existing.describe()}); replace it explicitly "
+                        "(qusctl register --replace)",
                         name=rule.name,
                     )
                 else:
                     plan.append((rule, existing))
-                old = records.get(rule.name)
-                enabled = (
-                    existing.enabled if existing is not None and existing.rule() == rule else True
-                )
-                if old is None or old.rule != rule or old.persistent != persistent:
-                    records[rule.name] = Record(rule, persistent, enabled, target)
+                # the record says what the kernel will hold: an entry left
+                # unchanged keeps its enabled state, a new one is enabled
+                same = existing is not None and existing.rule() == rule
+                enabled = existing.enabled if existing is not None and same else True
+                records[rule.name] = Record(rule, persistent, enabled, target)
             undo = _Undo()
             try:
                 for rule, existing in plan:

@@ -17,20 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from qusd.binfmt import Rule
-from qusd.errors import InvalidRuleError, QusdError
+from qusd.errors import InvalidRuleError, QusdError, StateError
 
 VERSION = 1
 FILENAME = "state.json"
 
 log = logging.getLogger("qusd.state")
-
-
-class StateError(QusdError):
-    """The state file could not be written; the change was rolled back."""
-
-    code = "state"
-    http_status = 500
-    exit_status = 74  # EX_IOERR
 
 
 @dataclass(frozen=True)
@@ -68,8 +60,9 @@ class Record:
             offset=_typed(d, "offset", int),
             extension=d.get("extension"),
             flags=_typed(d, "flags", str),
-        ).normalized()
+        )
         rule.encode()  # refuse a record the kernel would refuse
+        rule = rule.normalized()
         target = d.get("target")
         return cls(rule, _typed(d, "persistent", bool), _typed(d, "enabled", bool), target)
 
@@ -103,14 +96,28 @@ class State:
             return state
         try:
             doc = json.loads(raw)
-            if not isinstance(doc, dict) or doc.get("version") != VERSION:
+            if (
+                not isinstance(doc, dict)
+                or type(doc.get("version")) is not int
+                or doc["version"] != VERSION
+            ):
                 raise ValueError(f"not a version {VERSION} state document")
             records = [Record.from_json(d) for d in doc["registrations"]]
-        except (ValueError, KeyError, TypeError, InvalidRuleError, AttributeError) as e:
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            InvalidRuleError,
+            AttributeError,
+            RecursionError,
+        ) as e:
             reason = e.message if isinstance(e, QusdError) else str(e)
             state._set_aside(f"corrupt ({reason})")
             return state
         state.records = {r.rule.name: r for r in records}
+        for leftover in state.directory.glob(f".{FILENAME}.*.tmp"):  # from a crash mid-save
+            with contextlib.suppress(OSError):
+                leftover.unlink()
         return state
 
     def _set_aside(self, why: str) -> None:

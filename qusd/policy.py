@@ -1,0 +1,276 @@
+"""Who may do what: callers, roles, and the rules that keep binfmt_misc (a
+root-level power) out of reach of anyone who is not an admin.
+
+A rule for the host's own ELF type hijacks every exec on the machine; an
+interpreter the client chose runs in every process that execs a matching
+binary; the C flag runs the interpreter as root for set-uid binaries. So:
+admins may do everything (with explicit overrides for the dangerous parts);
+users may register catalog targets of a foreign family, with an interpreter
+qusd found itself, with harmless flags, and touch only what qusd manages;
+everyone else may read.
+"""
+
+from __future__ import annotations
+
+import enum
+import grp
+import os
+import socket
+import stat
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from qusd.binfmt import Rule
+from qusd.catalog import Catalog, Target
+from qusd.errors import ForbiddenError, HostTypeError, UntrustedInterpreterError
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
+NEVER_FOR_USERS = frozenset("CO")
+
+
+class Role(enum.Enum):
+    ADMIN = "admin"
+    USER = "user"
+    READER = "reader"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking, from the kernel (SO_PEERCRED), never from the client."""
+
+    uid: int
+    gid: int
+    pid: int
+    groups: frozenset[int] = frozenset()
+
+    @classmethod
+    def of_socket(cls, sock: socket.socket) -> Caller:
+        pid, uid, gid = struct.unpack(
+            "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        )
+        groups: frozenset[int] = frozenset()
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 256)
+            groups = frozenset(struct.unpack(f"{len(raw) // 4}I", raw))
+        except OSError:
+            pass  # no SO_PEERGROUPS: primary group only
+        return cls(uid=uid, gid=gid, pid=pid, groups=groups | {gid})
+
+    @classmethod
+    def myself(cls) -> Caller:
+        return cls(os.getuid(), os.getgid(), os.getpid(), frozenset(os.getgroups()) | {os.getgid()})
+
+    def exe(self) -> str | None:
+        try:
+            return os.readlink(f"/proc/{self.pid}/exe")
+        except OSError:
+            return None
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    admin_group: str = "qusd-admin"
+    user_group: str = "qusd"
+    #: flags users may ask for; C and O are never allowed to them
+    user_flags: str = "FP"
+
+
+@dataclass
+class Policy:
+    config: PolicyConfig
+    host_family: str
+    catalog: Catalog
+    #: headers of the host's own programs, which no rule may capture
+    native_headers: list[bytes] = field(default_factory=list)
+
+    # -- roles ----------------------------------------------------------------
+
+    def role(self, caller: Caller) -> Role:
+        if caller.uid == 0 or _gid(self.config.admin_group) in caller.groups:
+            return Role.ADMIN
+        if _gid(self.config.user_group) in caller.groups:
+            return Role.USER
+        return Role.READER
+
+    def _require_writer(self, caller: Caller, action: str) -> Role:
+        role = self.role(caller)
+        if role is Role.READER:
+            raise ForbiddenError(
+                f"{action} needs membership in the {self.config.user_group!r} group (users) or "
+                f"{self.config.admin_group!r} (admins); uid {caller.uid} may only read"
+            )
+        return role
+
+    # -- registrations ------------------------------------------------------------
+
+    def check_targets(self, caller: Caller, targets: Iterable[Target], flags: str) -> None:
+        if self._require_writer(caller, "registering") is Role.ADMIN:
+            return
+        for t in targets:
+            if t.family == self.host_family:
+                raise ForbiddenError(
+                    f"{t.name} is of the host's own family ({self.host_family}): users may "
+                    "register only foreign targets"
+                )
+        bad = set(flags) - (set(self.config.user_flags) - NEVER_FOR_USERS)
+        if bad:
+            allowed = "".join(sorted(set(self.config.user_flags) - NEVER_FOR_USERS)) or "none"
+            raise ForbiddenError(
+                f"flag(s) {''.join(sorted(bad))} are admin-only (users may use: {allowed}); "
+                "C runs the interpreter with the binary's set-uid credentials"
+            )
+
+    def check_entry(self, caller: Caller) -> None:
+        if self._require_writer(caller, "registering") is not Role.ADMIN:
+            raise ForbiddenError(
+                "custom rules (own magic, mask or interpreter) are admin-only: users may "
+                "register catalog targets, with the interpreter qusd finds"
+            )
+
+    def check_replace(self, caller: Caller, managed: bool, name: str) -> None:
+        if not managed and self.role(caller) is not Role.ADMIN:
+            raise ForbiddenError(f"{name} was not registered by qusd: only admins may replace it")
+
+    def check_modify(self, caller: Caller, name: str, managed: bool, action: str) -> None:
+        if self._require_writer(caller, action) is Role.ADMIN:
+            return
+        if not managed:
+            raise ForbiddenError(
+                f"{name} was not registered by qusd: users may {action} only entries qusd manages"
+            )
+
+    def check_reset(self, caller: Caller, scope: str) -> None:
+        if self._require_writer(caller, "reset") is Role.ADMIN:
+            return
+        if scope != "managed":
+            raise ForbiddenError(
+                f"reset with scope {scope!r} is admin-only; users may reset 'managed'"
+            )
+
+    # -- rules anyone must follow -------------------------------------------------
+
+    def check_rule(self, caller: Caller, rule: Rule, force: bool, allow_untrusted: bool) -> None:
+        """Host protection and trusted interpreters, for every caller; admins
+        may override each explicitly."""
+        admin = self.role(caller) is Role.ADMIN
+        if force and not admin:
+            raise ForbiddenError("force is admin-only")
+        if allow_untrusted and not admin:
+            raise ForbiddenError("allow_untrusted_interpreter is admin-only")
+        if not force:
+            self.check_host_types(rule)
+        if not allow_untrusted:
+            check_trusted(rule.interpreter)
+
+    def check_host_types(self, rule: Rule) -> None:
+        if rule.extension is not None:
+            return
+        for header in self.native_headers:
+            if _rule_matches(rule, header):
+                raise HostTypeError(
+                    f"{rule.name} would match the host's own programs ({self.host_family} "
+                    "ELF): every exec on the machine would go to its interpreter; an admin "
+                    "may pass force if that is really meant"
+                )
+
+
+def _rule_matches(rule: Rule, header: bytes) -> bool:
+    window = header[rule.offset : rule.offset + len(rule.magic)]
+    if len(window) < len(rule.magic):
+        return False
+    mask = rule.mask if rule.mask is not None else b"\xff" * len(rule.magic)
+    return all((h & m) == (g & m) for h, g, m in zip(window, rule.magic, mask, strict=True))
+
+
+def native_headers(catalog: Catalog, host_family: str, samples: Iterable[str] = ()) -> list[bytes]:
+    """Headers the host runs itself: each native catalog target's magic (as
+    executable and as shared object) and the headers of real native programs."""
+    headers = []
+    for t in catalog:
+        if t.family != host_family:
+            continue
+        for e_type in (2, 3):  # ET_EXEC, ET_DYN
+            h = bytearray(
+                t.offset * b"\0" + bytes(g & m for g, m in zip(t.magic, t.mask, strict=True))
+            )
+            h = h.ljust(256, b"\0")
+            little = t.magic[5] == 1 if len(t.magic) > 5 else True
+            h[16:18] = e_type.to_bytes(2, "little" if little else "big")
+            headers.append(bytes(h))
+    for path in samples:
+        try:
+            with open(path, "rb") as f:
+                headers.append(f.read(256))
+        except OSError:
+            continue
+    return headers
+
+
+def _gid(name: str) -> int | None:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
+
+
+# -- trusted interpreters ---------------------------------------------------------
+
+
+def trusted_owners() -> frozenset[int]:
+    """Root; and, in a user namespace that does not map the host's root (a
+    rootless sandbox), the overflow uid that root's files show up as."""
+    owners = {0}
+    try:
+        with open("/proc/self/uid_map") as f:
+            maps_root = any(
+                int(outside) <= 0 < int(outside) + int(count)
+                for _inside, outside, count in (line.split() for line in f)
+            )
+        if not maps_root:
+            with open("/proc/sys/kernel/overflowuid") as f:
+                owners.add(int(f.read()))
+    except (OSError, ValueError):
+        pass
+    return frozenset(owners)
+
+
+def check_trusted(path: str) -> None:
+    """The interpreter and every directory above it (after symlinks) must be
+    owned by root and writable by nobody else: else whoever can write there
+    decides what runs in every process that execs a matching program."""
+    if not os.path.isabs(path):
+        raise UntrustedInterpreterError(f"interpreter {path!r} is not an absolute path")
+    real = os.path.realpath(path)
+    owners = trusted_owners()
+    try:
+        st = os.stat(real)
+    except OSError as e:
+        raise UntrustedInterpreterError(f"interpreter {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111:
+        raise UntrustedInterpreterError(f"interpreter {real} is not an executable regular file")
+    _check_node(real, st, owners, path)
+    parent = os.path.dirname(real)
+    while True:
+        try:
+            st = os.stat(parent)
+        except OSError as e:
+            raise UntrustedInterpreterError(f"interpreter {path}: {parent}: {e.strerror}") from None
+        _check_node(parent, st, owners, path)
+        if parent == "/":
+            return
+        parent = os.path.dirname(parent)
+
+
+def _check_node(node: str, st: os.stat_result, owners: frozenset[int], path: str) -> None:
+    via = f" (for {path})" if node != path else ""
+    if st.st_uid not in owners:
+        raise UntrustedInterpreterError(
+            f"{node}{via} is owned by uid {st.st_uid}, not root: its owner could replace "
+            "the interpreter"
+        )
+    if st.st_mode & 0o022:
+        raise UntrustedInterpreterError(
+            f"{node}{via} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}): "
+            "they could replace the interpreter"
+        )
