@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,23 +13,10 @@ from qusd import catalog, policy
 from qusd.binfmt import Rule
 from qusd.errors import HostTypeError, UntrustedInterpreterError
 from qusd.policy import check_trusted
-from tests.conftest import ROOT, interpreter
+from tests.conftest import Sandbox, interpreter
 
 BUILTIN = catalog.builtin()
 HOST_FAMILY = catalog.family_of(catalog.host_machine())
-
-
-@pytest.fixture
-def rootdir() -> Iterator[Path]:
-    """A directory owned by root, mode 755, in the checkout (not under /tmp)."""
-    if os.getuid() != 0:
-        pytest.skip("needs root to make root-owned files")
-    d = ROOT / ".cache" / f"trust-{os.getpid()}"
-    d.mkdir(parents=True, mode=0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d)
 
 
 def test_system_interpreters_are_trusted() -> None:
@@ -54,30 +41,59 @@ def test_world_writable_ancestor_is_named(tmp_path: Path) -> None:
     assert "/tmp" in info.value.message and "writable by group or others" in info.value.message
 
 
-def test_owner_and_mode_of_the_file(rootdir: Path) -> None:
-    if any(os.stat(p).st_mode & 0o022 or os.stat(p).st_uid for p in [rootdir, *rootdir.parents]):
-        pytest.skip(f"{rootdir}'s parents are not root-owned and closed")
-    exe = rootdir / "qemu-x"
+def _mount_tmpfs(where: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"tmpfs", where.encode(), b"tmpfs", 0, b"mode=755") != 0:
+        raise OSError(ctypes.get_errno(), f"mount tmpfs on {where}")
+
+
+def _trust_cases(untrusted_file: str) -> dict[str, str]:
+    """Inside a sandbox: a root-owned tmpfs on /mnt (parents root-owned and
+    closed), files in it changed one way at a time, and check_trusted's word."""
+    _mount_tmpfs("/mnt")
+    exe = Path("/mnt/qemu-x")
     shutil.copy("/bin/true", exe)
+    results: dict[str, str] = {}
+
+    def verdict(name: str, path: Path = exe) -> None:
+        try:
+            check_trusted(str(path))
+            results[name] = "trusted"
+        except UntrustedInterpreterError as e:
+            results[name] = e.message
+
     exe.chmod(0o755)
-    check_trusted(str(exe))
+    verdict("plain")
     exe.chmod(0o775)
-    with pytest.raises(UntrustedInterpreterError, match="mode 775"):
-        check_trusted(str(exe))
+    verdict("group-writable")
     exe.chmod(0o755)
     os.chown(exe, 65534, 65534)
-    with pytest.raises(UntrustedInterpreterError, match="owned by uid 65534"):
-        check_trusted(str(exe))
+    verdict("owned-by-nobody")
+    os.chown(exe, 0, 0)
+    os.chmod("/mnt", 0o757)
+    verdict("parent-writable")
+    os.chmod("/mnt", 0o755)
+    link = Path("/mnt/qemu-link")
+    link.symlink_to(untrusted_file)
+    verdict("symlink-out", link)
+    return results
 
 
-def test_symlink_to_a_user_writable_file_is_resolved(rootdir: Path, tmp_path: Path) -> None:
-    target = tmp_path / "evil"
-    shutil.copy("/bin/true", target)
-    link = rootdir / "qemu-link"
-    link.symlink_to(target)
-    with pytest.raises(UntrustedInterpreterError) as info:
-        check_trusted(str(link))
-    assert str(tmp_path) in info.value.message or "/tmp" in info.value.message
+def test_owner_mode_parents_and_symlinks(sbx: Sandbox, tmp_path: Path) -> None:
+    if os.getuid() != 0:
+        pytest.skip("chown to another uid needs root's identity-mapped sandbox")
+    tmp_path.chmod(0o755)
+    evil = tmp_path / "evil"
+    shutil.copy("/bin/true", evil)
+    got = sbx.func("tests.test_policy:_trust_cases", str(evil))
+    assert got["plain"] == "trusted"
+    assert "/mnt/qemu-x is writable by group or others (mode 775)" in got["group-writable"]
+    assert "/mnt/qemu-x is owned by uid 65534, not root" in got["owned-by-nobody"]
+    assert (
+        "/mnt (for /mnt/qemu-x) is writable by group or others (mode 757)"
+        in (got["parent-writable"])
+    )
+    assert "/tmp" in got["symlink-out"] and "(for /mnt/qemu-link)" in got["symlink-out"]
 
 
 def test_trusted_owners_in_the_initial_namespace() -> None:
