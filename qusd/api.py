@@ -5,8 +5,11 @@ every error leaves as application/problem+json, mapped here and only here.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import math
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,10 +19,11 @@ from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from qusd import __version__
-from qusd.binfmt import Rule
 from qusd.errors import (
     MalformedRequestError,
     QusdError,
+    RateLimitedError,
+    RequestTimeoutError,
     RequestValidationError,
     UnsupportedMediaTypeError,
 )
@@ -36,13 +40,29 @@ from qusd.models import (
     TargetOut,
     printable,
 )
-from qusd.service import Service
+from qusd.policy import Caller, RateLimiter, Role
+from qusd.service import Overrides, Service
 
 log = logging.getLogger("qusd.api")
 
 MAX_BODY = 64 * 1024
 PROBLEM_JSON = "application/problem+json"
+MUTATING = frozenset({"POST", "PATCH", "DELETE"})
+NOBODY = Caller(uid=-1, gid=-1, pid=0)  # no peer credentials: may only read
+
+
+@dataclass(frozen=True)
+class Limits:
+    body_timeout: float = 10.0
+    rate_limit: float = 5.0
+    rate_burst: int = 20
+    rate_limit_admins: bool = False
+
+
 SERVICE: web.AppKey[Service] = web.AppKey("service", Service)
+LIMITS: web.AppKey[Limits] = web.AppKey("limits", Limits)
+BUCKETS: web.AppKey[RateLimiter] = web.AppKey("buckets", RateLimiter)
+audit = logging.getLogger("qusd.audit")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -71,11 +91,45 @@ def problem(
     )
 
 
+def caller(request: web.Request) -> Caller:
+    """The peer, from the kernel (SO_PEERCRED), never from anything it says."""
+    found: Caller | None = request.get("caller")
+    if found is None:
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        try:
+            found = Caller.of_socket(sock) if sock is not None else NOBODY
+        except OSError:
+            found = NOBODY
+        request["caller"] = found
+    return found
+
+
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The one place errors become responses."""
+    """The one place errors become responses; every mutation leaves an
+    audit line, whatever its outcome."""
+    response = await _answer(request, handler)
+    if request.method in MUTATING:
+        who = caller(request)
+        audit.info(
+            "audit: uid=%d pid=%d exe=%s action=%s %s names=%s result=%d",
+            who.uid, who.pid, who.exe() or "?", request.method, request.path,
+            ",".join(request.get("names", [])) or "-", response.status,
+        )  # fmt: skip
+    return response
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    guard = request.app.get(GUARD)
+    if guard is not None:
+        guard.started(request)
     try:
+        if request.method in MUTATING:
+            _rate_limit(request)
         return await handler(request)
+    except RateLimitedError as e:
+        return problem(429, e.code, "Too many requests", e.message,
+                       headers={"Retry-After": str(e.retry_after)})  # fmt: skip
     except QusdError as e:
         return problem(e.http_status, e.code, e.code.replace("-", " ").capitalize(), e.message)
     except ValidationError as e:
@@ -98,9 +152,28 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return problem(500, "internal", "Internal error", "internal error; see the daemon's log")
 
 
+def _rate_limit(request: web.Request) -> None:
+    limits, who = request.app[LIMITS], caller(request)
+    svc = request.app[SERVICE]
+    if svc.policy.role(who) is Role.ADMIN and not limits.rate_limit_admins:
+        return
+    wait = request.app[BUCKETS].take(who.uid)
+    if wait > 0:
+        raise RateLimitedError(
+            f"uid {who.uid} sent more than {limits.rate_burst} changes in a burst "
+            f"(at most {limits.rate_limit:g} a second); retry in {math.ceil(wait)} s",
+            retry_after=math.ceil(wait),
+        )
+
+
 async def body(request: web.Request, model: type[Any]) -> Any:
     """Parse and validate a JSON body; an empty body counts as {}."""
-    raw = await request.read()  # aiohttp refuses more than client_max_size with 413
+    timeout = request.app[LIMITS].body_timeout
+    try:
+        # aiohttp refuses more than client_max_size with 413
+        raw = await asyncio.wait_for(request.read(), timeout)
+    except TimeoutError:
+        raise RequestTimeoutError(f"the body did not arrive within {timeout:g} s") from None
     if not raw.strip():
         raw = b"{}"
     elif request.content_type != "application/json":
@@ -150,13 +223,28 @@ async def get_registration(request: web.Request) -> web.Response:
 
 async def register(request: web.Request) -> web.Response:
     req: RegisterRequest = await body(request, RegisterRequest)
-    svc = request.app[SERVICE]
-    items: list[tuple[Rule, str | None]]
+    svc, who = request.app[SERVICE], caller(request)
+    overrides = Overrides(req.force, req.allow_untrusted_interpreter)
     if req.entry is not None:
-        items = [(req.entry.rule(), None)]
+        request["names"] = [req.entry.name]
+        result = await svc.register_entry(
+            who,
+            req.entry.rule(),
+            persistent=req.persistent,
+            replace_existing=req.replace,
+            overrides=overrides,
+        )
     else:
-        items = list(svc.plan_targets(req.targets, req.flags if req.flags is not None else "F"))
-    result = await svc.register(items, persistent=req.persistent, replace_existing=req.replace)
+        request["names"] = req.targets or ["(all foreign)"]
+        flags = req.flags if req.flags is not None else "F"
+        result = await svc.register_targets(
+            who,
+            req.targets,
+            flags,
+            persistent=req.persistent,
+            replace_existing=req.replace,
+            overrides=overrides,
+        )
     return reply(
         RegisterResponse(
             registered=[RegistrationOut.of(r) for r in result.registered],
@@ -167,19 +255,24 @@ async def register(request: web.Request) -> web.Response:
 
 
 async def patch_registration(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    request["names"] = [name]
     req: EnableRequest = await body(request, EnableRequest)
-    reg = await request.app[SERVICE].set_enabled(request.match_info["name"], req.enabled)
+    reg = await request.app[SERVICE].set_enabled(caller(request), name, req.enabled)
     return reply(RegistrationOut.of(reg))
 
 
 async def delete_registration(request: web.Request) -> web.Response:
-    await request.app[SERVICE].unregister(request.match_info["name"])
+    name = request.match_info["name"]
+    request["names"] = [name]
+    await request.app[SERVICE].unregister(caller(request), name)
     return web.Response(status=204)
 
 
 async def reset(request: web.Request) -> web.Response:
     req: ResetRequest = await body(request, ResetRequest)
-    removed = await request.app[SERVICE].reset(req.scope)
+    request["names"] = [f"scope={req.scope}"]
+    removed = await request.app[SERVICE].reset(caller(request), req.scope)
     return reply(ResetResponse(removed=[printable(n) for n in removed]))
 
 
@@ -289,10 +382,75 @@ def _ref(model: type[BaseModel]) -> dict[str, str]:
 OPENAPI = openapi_document()
 
 
-def make_app(service: Service) -> web.Application:
+def make_app(service: Service, limits: Limits | None = None) -> web.Application:
     app = web.Application(middlewares=[errors], client_max_size=MAX_BODY)
     app[SERVICE] = service
+    app[LIMITS] = limits = limits or Limits()
+    app[BUCKETS] = RateLimiter(limits.rate_limit, limits.rate_burst)
     for r in ROUTES:
         app.router.add_route(r.method, r.path, r.handler)
     app.router.add_get("/openapi.json", openapi)
     return app
+
+
+class ConnectionGuard:
+    """The protocol factory for the listening socket: at most max_connections
+    open at once (more are closed at once), and a client that has not sent a
+    whole request head within header_timeout is disconnected, so slow or
+    flooding clients cannot hold the daemon's memory or its connections."""
+
+    def __init__(self, server: web.Server, max_connections: int, header_timeout: float) -> None:
+        self.server = server
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        self.refused = 0
+        # handlers whose first request arrived; each leaves at its deadline
+        self._started: set[object] = set()
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        if len(self.server.connections) >= self.max_connections:
+            self.refused += 1
+            return _Refuse()
+        handler = self.server()
+        asyncio.get_running_loop().call_later(self.header_timeout, self._deadline, handler)
+        return handler
+
+    def started(self, request: web.BaseRequest) -> None:
+        """Called for every request whose head arrived."""
+        self._started.add(request.protocol)
+
+    def _deadline(self, handler: web.RequestHandler) -> None:
+        if handler in self._started:
+            self._started.discard(handler)
+        elif handler.transport is not None:
+            log.debug("closing a connection that sent no request in %gs", self.header_timeout)
+            handler.force_close()
+            handler.transport.close()
+
+
+class _Refuse(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+GUARD: web.AppKey[ConnectionGuard] = web.AppKey("guard", ConnectionGuard)
+
+
+async def start_server(
+    app: web.Application,
+    sock: socket.socket,
+    *,
+    max_connections: int,
+    header_timeout: float,
+    keepalive_timeout: float,
+) -> tuple[web.AppRunner, asyncio.Server]:
+    """Serve app on an already listening Unix socket, behind a ConnectionGuard."""
+    runner = web.AppRunner(
+        app, access_log=None, shutdown_timeout=10, keepalive_timeout=keepalive_timeout
+    )
+    await runner.setup()
+    assert runner.server is not None
+    guard = ConnectionGuard(runner.server, max_connections, header_timeout)
+    app[GUARD] = guard
+    server = await asyncio.get_running_loop().create_unix_server(guard, sock=sock)
+    return runner, server

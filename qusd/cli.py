@@ -93,6 +93,10 @@ def cmd_list(ns: argparse.Namespace) -> int:
 
 def cmd_register(ns: argparse.Namespace) -> int:
     body: dict[str, Any] = {"persistent": not ns.no_persist, "replace": ns.replace}
+    if ns.force:
+        body["force"] = True
+    if ns.allow_untrusted_interpreter:
+        body["allow_untrusted_interpreter"] = True
     if ns.targets:
         body["targets"] = ns.targets
     if ns.flags is not None:
@@ -239,6 +243,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--flags", help="binfmt_misc flags, any of P O C F (default: F)")
     s.add_argument("--no-persist", action="store_true", help="do not restore at start")
     s.add_argument("--replace", action="store_true", help="overwrite other definitions")
+    s.add_argument(
+        "--force", action="store_true", help="admins: even a rule that matches host programs"
+    )
+    s.add_argument(
+        "--allow-untrusted-interpreter",
+        action="store_true",
+        help="admins: skip the root-owned-interpreter check",
+    )
     s = daemon_cmd("unregister", "remove entries", cmd_unregister)
     s.add_argument("names", nargs="+", metavar="NAME")
     s = daemon_cmd("enable", "enable an entry", cmd_enable)

@@ -35,6 +35,27 @@ class Config:
     #: kernel (systemd-binfmt and others flush the whole table); 0: never
     reconcile_interval: float = 5.0
     socket_mode: int = 0o660
+    #: the socket's group: members may connect (and are "users")
+    socket_group: str = "qusd"
+    #: members may register catalog targets of foreign families, and touch
+    #: only what qusd manages
+    user_group: str = "qusd"
+    #: members (and root) may do everything
+    admin_group: str = "qusd-admin"
+    #: flags users may ask for; C and O are never allowed to them
+    user_flags: str = "FP"
+    #: open connections at most; more are closed at once
+    max_connections: int = 256
+    #: seconds a client has to send a request's headers, then its body
+    header_timeout: float = 10.0
+    body_timeout: float = 10.0
+    #: seconds an idle keep-alive connection stays open
+    keepalive_timeout: float = 15.0
+    #: mutations per second per uid (a token bucket of rate_burst), for
+    #: users; admins too when rate_limit_admins
+    rate_limit: float = 5.0
+    rate_burst: int = 20
+    rate_limit_admins: bool = False
     #: where the settings came from, for `status` and error messages
     sources: tuple[str, ...] = field(default=(), compare=False)
 
@@ -45,6 +66,16 @@ class Config:
             raise ConfigError(f"catalog must be one of {', '.join(CATALOG_SOURCES)}")
         if not math.isfinite(self.reconcile_interval) or self.reconcile_interval < 0:
             raise ConfigError("reconcile_interval must be >= 0 seconds")
+        for name in ("header_timeout", "body_timeout", "keepalive_timeout", "rate_limit"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number")
+        if self.max_connections < 1 or self.rate_burst < 1:
+            raise ConfigError("max_connections and rate_burst must be at least 1")
+        if set(self.user_flags) - set("POCF"):
+            raise ConfigError("user_flags must be made of P, O, C, F")
+        if not 0 <= self.socket_mode <= 0o777:
+            raise ConfigError("socket_mode must be permission bits, e.g. 660")
         for name in ("socket", "state_dir", "binfmt_path"):
             if not os.path.isabs(getattr(self, name)):
                 raise ConfigError(f"{name} must be an absolute path")

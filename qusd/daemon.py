@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import grp
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ from qusd import __version__, catalog, config, sandbox
 from qusd.binfmt import BinfmtMisc
 from qusd.config import Config
 from qusd.errors import QusdError, SocketInUseError
+from qusd.policy import PolicyConfig
 from qusd.service import Service
 from qusd.state import State
 
@@ -91,12 +93,13 @@ def build_service(cfg: Config, sandbox_pid: int | None = None) -> Service:
         catalog=catalog.load(cfg.catalog),
         interpreter_dirs=cfg.interpreter_dirs,
         sandbox_pid=sandbox_pid,
+        policy=PolicyConfig(cfg.admin_group, cfg.user_group, cfg.user_flags),
     )
 
 
-def bind_unix(path: str, mode: int) -> socket.socket:
-    """A listening Unix socket at path; a stale file from a crash is replaced,
-    a live daemon is not."""
+def bind_unix(path: str, mode: int, group: str | None = None) -> socket.socket:
+    """A listening Unix socket at path, owned by root:group with mode; a stale
+    file from a crash is replaced, a live daemon is not."""
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     try:
         st = os.lstat(path)
@@ -121,6 +124,16 @@ def bind_unix(path: str, mode: int) -> socket.socket:
         sock.bind(path)
     finally:
         os.umask(old)
+    if group:
+        try:
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        except KeyError:
+            log.warning(
+                "group %r does not exist: only root can reach %s (create it with "
+                "'groupadd --system %s')", group, path, group,
+            )  # fmt: skip
+        except OSError as e:
+            log.warning("cannot give %s to group %s: %s", path, group, e.strerror)
     os.chmod(path, mode)
     sock.listen(128)
     return sock
@@ -142,14 +155,16 @@ def lock_state_dir(state_dir: str) -> int:
 
 
 async def serve(cfg: Config, svc: Service, sock: socket.socket) -> None:
-    from aiohttp import web  # noqa: PLC0415 - only once the registrations are restored
+    from qusd import api  # noqa: PLC0415 - aiohttp only once the registrations are restored
 
-    from qusd import api  # noqa: PLC0415
-
-    runner = web.AppRunner(api.make_app(svc), handle_signals=False, access_log=None)
-    await runner.setup()
-    site = web.SockSite(runner, sock, shutdown_timeout=10)
-    await site.start()
+    limits = api.Limits(cfg.body_timeout, cfg.rate_limit, cfg.rate_burst, cfg.rate_limit_admins)
+    runner, server = await api.start_server(
+        api.make_app(svc, limits),
+        sock,
+        max_connections=cfg.max_connections,
+        header_timeout=cfg.header_timeout,
+        keepalive_timeout=cfg.keepalive_timeout,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -165,6 +180,7 @@ async def serve(cfg: Config, svc: Service, sock: socket.socket) -> None:
         keeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await keeper
+        server.close()  # stop accepting; then finish what is in flight
         await runner.cleanup()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(cfg.socket)
@@ -206,7 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                      cfg.binfmt_path)  # fmt: skip
         # Claim the socket and the state before changing anything: a second
         # daemon must fail without touching the first one's table or state.
-        sock = bind_unix(cfg.socket, cfg.socket_mode) if ns.command == "serve" else None
+        sock = None
+        if ns.command == "serve":
+            sock = bind_unix(cfg.socket, cfg.socket_mode, cfg.socket_group)
         lock_state_dir(cfg.state_dir)
         svc = build_service(cfg, sandbox_pid)
         svc.ensure_mounted()

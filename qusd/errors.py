@@ -178,3 +178,21 @@ class HostTypeError(QusdError):
     code = "host-type"
     http_status = 403
     exit_status = 77
+
+
+class RateLimitedError(QusdError):
+    """Too many mutations from one uid; retry after retry_after seconds."""
+
+    code = "rate-limited"
+    http_status = 429
+    exit_status = 75  # EX_TEMPFAIL
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.retry_after = retry_after
+
+
+class RequestTimeoutError(QusdError):
+    code = "timeout"
+    http_status = 408
+    exit_status = 75

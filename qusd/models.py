@@ -154,6 +154,14 @@ class RegisterRequest(Request):
     flags: Flags | None = Field(None, description="for targets; default F")
     persistent: bool = Field(True, description="restore at every start")
     replace: bool = Field(False, description="overwrite an entry of the same name")
+    force: bool = Field(
+        False, description="admins: register even a rule that matches the host's own programs"
+    )
+    allow_untrusted_interpreter: bool = Field(
+        False,
+        description="admins: skip the check that the interpreter and its directories are "
+        "owned by root and writable by nobody else",
+    )
 
     @field_validator("targets")
     @classmethod

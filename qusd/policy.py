@@ -18,12 +18,13 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from qusd.binfmt import Rule
 from qusd.catalog import Catalog, Target
-from qusd.errors import ForbiddenError, HostTypeError, UntrustedInterpreterError
+from qusd.errors import ForbiddenError, HostTypeError, InterpreterError, UntrustedInterpreterError
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
 NEVER_FOR_USERS = frozenset("CO")
@@ -240,15 +241,20 @@ def check_trusted(path: str) -> None:
     owned by root and writable by nobody else: else whoever can write there
     decides what runs in every process that execs a matching program."""
     if not os.path.isabs(path):
-        raise UntrustedInterpreterError(f"interpreter {path!r} is not an absolute path")
+        raise InterpreterError(f"interpreter {path!r} is not an absolute path")
     real = os.path.realpath(path)
     owners = trusted_owners()
     try:
         st = os.stat(real)
+    except FileNotFoundError:
+        raise InterpreterError(
+            f"interpreter {path} does not exist: install it first (admins may pass "
+            "allow_untrusted_interpreter to register it before it exists, without F)"
+        ) from None
     except OSError as e:
-        raise UntrustedInterpreterError(f"interpreter {path}: {e.strerror}") from None
+        raise InterpreterError(f"interpreter {path}: {e.strerror}") from None
     if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111:
-        raise UntrustedInterpreterError(f"interpreter {real} is not an executable regular file")
+        raise InterpreterError(f"interpreter {real} is not an executable regular file")
     _check_node(real, st, owners, path)
     parent = os.path.dirname(real)
     while True:
@@ -274,3 +280,28 @@ def _check_node(node: str, st: os.stat_result, owners: frozenset[int], path: str
             f"{node}{via} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}): "
             "they could replace the interpreter"
         )
+
+
+class RateLimiter:
+    """A token bucket per key (uid): rate tokens a second, burst at most."""
+
+    def __init__(
+        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self._buckets: dict[int, tuple[float, float]] = {}
+
+    def take(self, key: int) -> float:
+        """Take a token: 0 when allowed, else the seconds until one is there."""
+        now = self.clock()
+        tokens, last = self._buckets.get(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        if tokens >= 1:
+            self._buckets[key] = (tokens - 1, now)
+            return 0.0
+        self._buckets[key] = (tokens, now)
+        if len(self._buckets) > 4096:  # forget full buckets: memory stays bounded
+            self._buckets = {k: v for k, v in self._buckets.items() if v[0] < self.burst - 1}
+        return (1 - tokens) / self.rate

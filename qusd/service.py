@@ -24,6 +24,7 @@ from qusd.errors import (
     NotMountedError,
     QusdError,
 )
+from qusd.policy import Caller, Policy, PolicyConfig, native_headers
 from qusd.state import Record, State
 
 log = logging.getLogger("qusd.service")
@@ -66,6 +67,14 @@ class RestoreReport:
 
 
 @dataclass(frozen=True)
+class Overrides:
+    """An admin's explicit "I mean it" for the checks anyone must pass."""
+
+    force: bool = False  # a rule that matches the host's own programs
+    allow_untrusted_interpreter: bool = False
+
+
+@dataclass(frozen=True)
 class TargetInfo:
     target: Target
     native: bool
@@ -96,8 +105,10 @@ class Service:
         kernel: BinfmtMisc,
         state: State,
         catalog: Catalog,
+        *,
         interpreter_dirs: Sequence[str] = interpreters.DEFAULT_DIRS,
         sandbox_pid: int | None = None,
+        policy: PolicyConfig | None = None,
     ) -> None:
         self.kernel = kernel
         self.state = state
@@ -106,6 +117,12 @@ class Service:
         self.sandbox_pid = sandbox_pid
         self.machine = host_machine()
         self.family = family_of(self.machine)
+        self.policy = Policy(
+            policy or PolicyConfig(),
+            self.family,
+            catalog,
+            native_headers(catalog, self.family, ["/proc/self/exe", "/bin/sh"]),
+        )
         self.lock = asyncio.Lock()
         #: (code, message) pairs for /v1/status: conflicts, corrupt state, ...
         self.warnings: dict[str, str] = {f"state:{i}": w for i, w in enumerate(state.warnings)}
@@ -230,23 +247,71 @@ class Service:
             )
         return target.rule(interp.path, flags)
 
-    def plan_targets(self, names: Sequence[str] | None, flags: str) -> list[tuple[Rule, str]]:
-        """The rules for named targets; with no names, every target of
-        another family than the host's that has an interpreter."""
-        if names is None:
-            chosen = [t for t in self.catalog.foreign(self.family)
-                      if interpreters.find(t, self.interpreter_dirs)]  # fmt: skip
-        else:
-            chosen = self.catalog.resolve(names)
-        return [(self.rule_for(t, flags), t.name) for t in chosen]
+    def _chosen(self, names: Sequence[str] | None) -> list[Target]:
+        """Named targets; with no names, every target of another family than
+        the host's that has an interpreter (what qus and QEMU's script do)."""
+        if names is not None:
+            return self.catalog.resolve(names)
+        return [
+            t
+            for t in self.catalog.foreign(self.family)
+            if interpreters.find(t, self.interpreter_dirs)
+        ]
 
-    async def register(
+    async def register_targets(
         self,
-        items: Sequence[tuple[Rule, str | None]],
+        caller: Caller,
+        names: Sequence[str] | None,
+        flags: str = "F",
+        *,
         persistent: bool = True,
         replace_existing: bool = False,
+        overrides: Overrides = Overrides(),
+    ) -> RegisterResult:
+        targets = self._chosen(names)
+        self.policy.check_targets(caller, targets, flags)
+        items = [(self.rule_for(t, flags), t.name) for t in targets]
+        return await self._register(
+            caller,
+            items,
+            persistent=persistent,
+            replace_existing=replace_existing,
+            overrides=overrides,
+        )
+
+    async def register_entry(
+        self,
+        caller: Caller,
+        rule: Rule,
+        *,
+        persistent: bool = True,
+        replace_existing: bool = False,
+        overrides: Overrides = Overrides(),
+    ) -> RegisterResult:
+        self.policy.check_entry(caller)
+        return await self._register(
+            caller,
+            [(rule, None)],
+            persistent=persistent,
+            replace_existing=replace_existing,
+            overrides=overrides,
+        )
+
+    async def _register(
+        self,
+        caller: Caller,
+        items: Sequence[tuple[Rule, str | None]],
+        *,
+        persistent: bool,
+        replace_existing: bool,
+        overrides: Overrides,
     ) -> RegisterResult:
         """Register rules (with their catalog target, if any), all or none."""
+        for rule, _ in items:
+            rule.encode()
+            self.policy.check_rule(
+                caller, rule, overrides.force, overrides.allow_untrusted_interpreter
+            )
         async with self.lock:
             self._require_mounted()
             result = RegisterResult()
@@ -266,6 +331,8 @@ class Service:
                         name=rule.name,
                     )
                 else:
+                    if existing is not None:
+                        self.policy.check_replace(caller, self._view(existing).managed, rule.name)
                     plan.append((rule, existing))
                 # the record says what the kernel will hold: an entry left
                 # unchanged keeps its enabled state, a new one is enabled
@@ -293,9 +360,11 @@ class Service:
             ]
             return result
 
-    async def set_enabled(self, name: str, enabled: bool) -> Registration:
+    async def set_enabled(self, caller: Caller, name: str, enabled: bool) -> Registration:
         async with self.lock:
             entry = self.kernel.entry(name)
+            action = "enable" if enabled else "disable"
+            self.policy.check_modify(caller, name, self._view(entry).managed, action)
             if entry.enabled != enabled:
                 (self.kernel.enable if enabled else self.kernel.disable)(name)
             view = self._view(self.kernel.entry(name))
@@ -309,18 +378,21 @@ class Service:
             log.info("%s %s", "enabled" if enabled else "disabled", name)
             return view
 
-    async def unregister(self, name: str) -> None:
+    async def unregister(self, caller: Caller, name: str) -> None:
         async with self.lock:
             entry = self.kernel.get(name) if self.kernel.is_mounted() else None
             if entry is None and name not in self.state.records:
                 raise NoSuchEntryError(f"no binfmt_misc entry named {name!r}")
+            managed = entry is None or self._view(entry).managed
+            self.policy.check_modify(caller, name, managed, "unregister")
             await self._remove([entry] if entry else [], forget=[name])
             log.info("unregistered %s", name)
 
-    async def reset(self, scope: str = "managed") -> list[str]:
+    async def reset(self, caller: Caller, scope: str = "managed") -> list[str]:
         """Remove what qusd made, every qemu-* entry, or everything."""
         if scope not in RESET_SCOPES:
             raise ValueError(scope)
+        self.policy.check_reset(caller, scope)
         async with self.lock:
             self._require_mounted()
             entries = self.kernel.entries()

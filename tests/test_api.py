@@ -637,8 +637,18 @@ async def test_f_flag_with_missing_interpreter_is_refused(api: Api, daemon: Daem
     assert "/nonexistent/qemu-ghost" in problem["detail"] and "does not exist" in problem["detail"]
     assert "ghost" not in in_kernel(daemon)
     await refused(api, daemon, "GET", "/v1/registrations/ghost", status=404, code="not-found")
+    # an admin may skip qusd's check; with F the kernel itself refuses, clearly
+    skip = {"allow_untrusted_interpreter": True}
+    problem = await refused(
+        api, daemon, "POST", "/v1/registrations", {"entry": entry, **skip},
+        status=422, code="interpreter",
+    )  # fmt: skip
+    assert problem["detail"].startswith(
+        "the F flag opens /nonexistent/qemu-ghost at registration and it does not exist"
+    )
     # without F the kernel opens the interpreter only at exec: accepted
-    done = await ok(api, "POST", "/v1/registrations", {"entry": {**entry, "flags": ""}}, status=201)
+    body = {"entry": {**entry, "flags": ""}, **skip}
+    done = await ok(api, "POST", "/v1/registrations", body, status=201)
     assert done["registered"][0]["name"] == "ghost" and "ghost" in in_kernel(daemon)
 
 
@@ -829,7 +839,7 @@ TARGET_CASES = [
         loc=("persistent",), msg="valid boolean"),
     Bad("replace-string", {"targets": ["arm64"], "replace": "true"},
         loc=("replace",), msg="valid boolean"),
-    Bad("unknown-field", {"targets": ["arm64"], "force": True}, loc=("force",),
+    Bad("unknown-field", {"targets": ["arm64"], "forced": True}, loc=("forced",),
         msg="Extra inputs are not permitted"),
     Bad("targets-and-entry", {"targets": ["arm64"], **entry()}, loc=(),
         msg="give either targets (and flags) or entry, not both"),
