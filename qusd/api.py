@@ -27,6 +27,7 @@ from qusd.errors import (
     RequestValidationError,
     UnsupportedMediaTypeError,
 )
+from qusd.events import event
 from qusd.models import (
     EnableRequest,
     Health,
@@ -115,6 +116,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             "audit: uid=%d pid=%d exe=%s action=%s %s names=%s result=%d",
             who.uid, who.pid, who.exe() or "?", request.method, request.path,
             ",".join(request.get("names", [])) or "-", response.status,
+            extra=event("refused") if response.status == 403 else None,
         )  # fmt: skip
     return response
 

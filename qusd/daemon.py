@@ -20,12 +20,12 @@ import stat
 import sys
 from collections.abc import Sequence
 
-from qusd import __version__, catalog, config, sandbox
+from qusd import __version__, catalog, config, sandbox, systemd_glue
 from qusd.binfmt import BinfmtMisc
 from qusd.config import Config
 from qusd.errors import QusdError, SocketInUseError
 from qusd.policy import PolicyConfig
-from qusd.service import Service
+from qusd.service import RestoreReport, Service
 from qusd.state import State
 
 log = logging.getLogger("qusd")
@@ -76,14 +76,6 @@ def parser() -> argparse.ArgumentParser:
         "nothing outside it changes; works without privilege",
     )
     return p
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="qusd: %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def build_service(cfg: Config, sandbox_pid: int | None = None) -> Service:
@@ -154,7 +146,10 @@ def lock_state_dir(state_dir: str) -> int:
     return fd
 
 
-async def serve(cfg: Config, svc: Service, sock: socket.socket) -> None:
+async def serve(
+    cfg: Config, svc: Service, sock: socket.socket, report: RestoreReport, passed: bool
+) -> None:
+    """Serve until SIGTERM/SIGINT; passed: the socket came from systemd."""
     from qusd import api  # noqa: PLC0415 - aiohttp only once the registrations are restored
 
     limits = api.Limits(cfg.body_timeout, cfg.rate_limit, cfg.rate_burst, cfg.rate_limit_admins)
@@ -169,22 +164,43 @@ async def serve(cfg: Config, svc: Service, sock: socket.socket) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    where = sock.getsockname()
     regs = svc.registrations() if svc.kernel.is_mounted() else []
-    log.info("serving on %s (%d entries, %d managed)", cfg.socket, len(regs),
+    log.info("serving on %s (%d entries, %d managed)", where, len(regs),
              sum(r.managed for r in regs))  # fmt: skip
-    keeper = asyncio.create_task(keep_alive(svc, cfg.reconcile_interval))
+    systemd_glue.notify(
+        "READY=1",
+        f"STATUS=restored {len(report.restored) + len(report.adopted)} registrations, "
+        f"serving on {where}",
+        f"MAINPID={os.getpid()}",
+    )
+    tasks = [asyncio.create_task(keep_alive(svc, cfg.reconcile_interval))]
+    interval = systemd_glue.watchdog_interval()
+    if interval:
+        tasks.append(asyncio.create_task(watchdog(interval)))
     try:
         await stop.wait()
         log.info("stopping: finishing requests in flight")
+        systemd_glue.notify("STOPPING=1", "STATUS=stopping")
     finally:
-        keeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await keeper
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         server.close()  # stop accepting; then finish what is in flight
         await runner.cleanup()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(cfg.socket)
+        if not passed:  # a socket systemd passed is systemd's to remove
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(where)
     log.info("stopped; registrations stay in the kernel")
+
+
+async def watchdog(interval: float) -> None:
+    """WATCHDOG=1 from the event loop itself: a wedged loop stops the pings
+    and systemd restarts the daemon."""
+    while True:
+        systemd_glue.notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
 
 
 async def keep_alive(svc: Service, interval: float) -> None:
@@ -204,6 +220,7 @@ async def keep_alive(svc: Service, interval: float) -> None:
                 "re-registered %s: they had been removed from the kernel",
                 ", ".join(report.restored),
             )
+            systemd_glue.notify(f"STATUS=re-registered {', '.join(report.restored)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -213,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         flags["interpreter_dirs"] = tuple(flags["interpreter_dirs"])
     try:
         cfg = config.load(flags, os.environ, ns.config)
-        setup_logging(cfg.log_level)
+        systemd_glue.setup_logging(cfg.log_level)
         sandbox_pid = None
         if cfg.sandbox:
             sandbox.create(cfg.binfmt_path)
@@ -222,9 +239,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                      cfg.binfmt_path)  # fmt: skip
         # Claim the socket and the state before changing anything: a second
         # daemon must fail without touching the first one's table or state.
-        sock = None
+        sock, passed = None, False
         if ns.command == "serve":
-            sock = bind_unix(cfg.socket, cfg.socket_mode, cfg.socket_group)
+            sock = systemd_glue.listen_socket()
+            passed = sock is not None
+            if sock is not None:
+                log.info("using the socket systemd passed (%s)", sock.getsockname())
+            else:
+                sock = bind_unix(cfg.socket, cfg.socket_mode, cfg.socket_group)
         lock_state_dir(cfg.state_dir)
         svc = build_service(cfg, sandbox_pid)
         svc.ensure_mounted()
@@ -232,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("restore: %s", report.summary())
         if sock is None:
             return 1 if report.failed else 0
-        asyncio.run(serve(cfg, svc, sock))
+        asyncio.run(serve(cfg, svc, sock, report, passed))
     except QusdError as e:
         print(f"qusd: {e.message}", file=sys.stderr)
         return e.exit_status

@@ -63,8 +63,15 @@ class Caller:
         return cls(os.getuid(), os.getgid(), os.getpid(), frozenset(os.getgroups()) | {os.getgid()})
 
     def exe(self) -> str | None:
+        """The peer's program; without CAP_SYS_PTRACE another user's exe link
+        cannot be read, and its command name stands in, in brackets."""
         try:
             return os.readlink(f"/proc/{self.pid}/exe")
+        except OSError:
+            pass
+        try:
+            with open(f"/proc/{self.pid}/comm") as f:
+                return f"[{f.read().strip()}]"
         except OSError:
             return None
 

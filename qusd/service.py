@@ -24,6 +24,7 @@ from qusd.errors import (
     NotMountedError,
     QusdError,
 )
+from qusd.events import event
 from qusd.policy import Caller, Policy, PolicyConfig, native_headers
 from qusd.state import Record, State
 
@@ -176,7 +177,7 @@ class Service:
                     self._warn(before, f"restore:{name}", f"could not restore {name}: {e.message}")
                     continue
                 report.restored.append(name)
-                log.info("restored %s (%s)", name, rec.rule.interpreter)
+                log.info("restored %s (%s)", name, rec.rule.interpreter, extra=event("restored"))
         if report.dropped:
             try:
                 self.state.save(records)
@@ -187,7 +188,8 @@ class Service:
     def _warn(self, before: dict[str, str], key: str, message: str) -> None:
         """Record a warning; log it only when it is new."""
         if before.get(key) != message:
-            log.warning("%s", message)
+            kind = "conflict" if key.startswith("conflict:") else None
+            log.warning("%s", message, extra=event(kind) if kind else None)
         self.warnings[key] = message
 
     async def reconcile(self) -> RestoreReport:
@@ -353,7 +355,10 @@ class Service:
                 undo.run()
                 raise
             for rule, _ in plan:
-                log.info("registered %s (%s, flags %s)", rule.name, rule.interpreter, rule.flags)
+                log.info(
+                    "registered %s (%s, flags %s)", rule.name, rule.interpreter, rule.flags,
+                    extra=event("registered"),
+                )  # fmt: skip
                 result.registered.append(self._view(self.kernel.entry(rule.name)))
             result.unchanged = [
                 self._view(self.kernel.entry(r.entry.name)) for r in result.unchanged
@@ -386,7 +391,7 @@ class Service:
             managed = entry is None or self._view(entry).managed
             self.policy.check_modify(caller, name, managed, "unregister")
             await self._remove([entry] if entry else [], forget=[name])
-            log.info("unregistered %s", name)
+            log.info("unregistered %s", name, extra=event("unregistered"))
 
     async def reset(self, caller: Caller, scope: str = "managed") -> list[str]:
         """Remove what qusd made, every qemu-* entry, or everything."""
@@ -406,7 +411,10 @@ class Service:
                 chosen, forget = entries, list(self.state.records)
             await self._remove(chosen, forget)
             names = [e.name for e in chosen]
-            log.info("reset (%s): removed %s", scope, ", ".join(names) or "nothing")
+            log.info(
+                "reset (%s): removed %s", scope, ", ".join(names) or "nothing",
+                extra=event("unregistered"),
+            )  # fmt: skip
             return names
 
     async def _remove(self, entries: Iterable[Entry], forget: Iterable[str]) -> None:

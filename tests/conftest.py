@@ -212,7 +212,13 @@ class Daemon:
     """`qusd --sandbox` as a subprocess, with its socket and state in a
     directory of the test's; `inside` is a worker in the daemon's sandbox."""
 
-    def __init__(self, workdir: Path, *extra: str, state_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *extra: str,
+        state_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.socket = str(workdir / "qusd.sock")
         self.state_dir = state_dir or workdir / "state"
@@ -230,7 +236,7 @@ class Daemon:
             *extra,
         ]  # fmt: skip
         self._log = self.log.open("wb")
-        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self.client = Client(self.socket, timeout=30)
         self._inside: Sandbox | None = None
         self.wait_ready()
