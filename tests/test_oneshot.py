@@ -1,0 +1,142 @@
+"""qusd-binfmt (the container image's entrypoint) and the GitHub Action's
+script, run on the real kernel in sandboxes, outside any container."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from qusd import catalog
+from qusd.binfmt import Rule
+from tests.conftest import ROOT, Sandbox, busybox_path, interpreter
+
+ONESHOT = [sys.executable, "-m", "qusd.oneshot"]
+ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(ROOT)}
+
+
+def oneshot(sbx: Sandbox, *args: str) -> subprocess.CompletedProcess[str]:
+    return sbx.run([*ONESHOT, *args], env=ENV)
+
+
+def test_register_list_reset(sbx: Sandbox) -> None:
+    sbx.kernel.register(Rule("DOSWin", "/usr/bin/wine", extension="exe"))
+    res = oneshot(sbx, "register", "aarch64,\n  linux/riscv64\n\n")  # as a YAML block gives it
+    assert res.returncode == 0, res.stderr
+    rows = [line.split() for line in res.stdout.splitlines()]
+    assert rows[0] == ["NAME", "FLAGS", "RESULT", "INTERPRETER"]
+    assert [r[:3] for r in rows[1:]] == [["qemu-aarch64", "F", "registered"],
+                                         ["qemu-riscv64", "F", "registered"]]  # fmt: skip
+    assert sbx.run([busybox_path("arm64"), "uname", "-m"]).stdout.strip() == "aarch64"
+
+    again = oneshot(sbx, "--json", "register", "arm64")
+    assert [(r["name"], r["result"]) for r in json.loads(again.stdout)] == [
+        ("qemu-aarch64", "unchanged")
+    ]
+    listed = json.loads(oneshot(sbx, "--json", "list").stdout)
+    assert [r["name"] for r in listed] == ["DOSWin", "qemu-aarch64", "qemu-riscv64"]
+
+    gone = json.loads(oneshot(sbx, "--json", "reset").stdout)  # qemu-* only, as qus does
+    assert [r["name"] for r in gone] == ["qemu-aarch64", "qemu-riscv64"]
+    assert sbx.kernel.names() == ["DOSWin"]
+    assert oneshot(sbx, "reset", "--scope", "all").returncode == 0
+    assert sbx.kernel.names() == []
+
+
+def test_default_registers_every_foreign_target_with_f_and_never_c(sbx: Sandbox) -> None:
+    res = oneshot(sbx, "--json", "register")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert len(rows) >= 28
+    assert {r["flags"] for r in rows} == {"F"}
+    assert not {"qemu-x86_64", "qemu-i386", "qemu-i486"} & {r["name"] for r in rows}
+
+
+def test_failures_are_loud_and_change_nothing(sbx: Sandbox, tmp_path: Path) -> None:
+    res = oneshot(sbx, "register", "aarch64 vax")
+    assert res.returncode == 65 and "unknown target 'vax'" in res.stderr
+    assert sbx.kernel.names() == []
+
+    tmp_path.chmod(0o755)
+    res = oneshot(sbx, "register", "--interpreter-dir", str(tmp_path), "aarch64")
+    assert res.returncode == 72 and "no interpreter for aarch64" in res.stderr
+
+    sbx.kernel.register(catalog.builtin().get("s390x").rule(interpreter("s390x"), "OC"))
+    res = oneshot(sbx, "register", "aarch64", "s390x")
+    assert res.returncode == 73 and "pass --replace" in res.stderr
+    assert sbx.kernel.names() == ["qemu-s390x"]  # aarch64 was rolled back
+    res = oneshot(sbx, "register", "--replace", "aarch64", "s390x")
+    assert res.returncode == 0, res.stderr
+    assert sbx.kernel.entry("qemu-s390x").flags == "F"
+
+
+def test_interpreters_from_a_mounted_host_directory(sbx: Sandbox, tmp_path: Path) -> None:
+    """The image without interpreters: F opens the host's at registration,
+    so the entry keeps working when the directory goes away."""
+    host = tmp_path / "host"
+    host.mkdir()
+    tmp_path.chmod(0o755)
+    shutil.copy(interpreter("aarch64"), host / "qemu-aarch64-static")
+    res = oneshot(sbx, "register", "--interpreter-dir", str(host), "arm64")
+    assert res.returncode == 0, res.stderr
+    assert sbx.kernel.entry("qemu-aarch64").interpreter == str(host / "qemu-aarch64-static")
+    shutil.rmtree(host)
+    assert sbx.run([busybox_path("arm64"), "uname", "-m"]).stdout.strip() == "aarch64"
+
+
+def test_mounts_binfmt_misc_when_needed_and_leaves_it(sbx: Sandbox, tmp_path: Path) -> None:
+    where = tmp_path / "bm"
+    where.mkdir()
+    tmp_path.chmod(0o755)
+    res = oneshot(sbx, "--binfmt-path", str(where), "register", "s390x")
+    assert res.returncode == 0, res.stderr
+    # it mounted the sandbox's instance there and did not unmount it
+    assert sbx.kernel.names() == ["qemu-s390x"]
+
+
+def test_needs_only_the_standard_library() -> None:
+    code = (
+        "import sys; import qusd.oneshot; "
+        "print(sorted(m for m in sys.modules if m.startswith('qusd')));"
+        "print(sorted({'aiohttp', 'pydantic', 'systemd'} & set(sys.modules)))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    modules, heavy = res.stdout.splitlines()
+    assert heavy == "[]"
+    # and the image copies exactly those modules
+    containerfile = (ROOT / "packaging/container/Containerfile").read_text()
+    copied = set(re.findall(r"qusd/(\w+)\.py", containerfile))
+    needed = {
+        m.split(".")[1] if "." in m else "__init__" for m in json.loads(modules.replace("'", '"'))
+    }
+    assert needed - {"__main__"} == copied
+    assert 'ENTRYPOINT ["python3", "-m", "qusd.oneshot"]' in containerfile
+
+
+def test_github_action_script(sbx: Sandbox, tmp_path: Path) -> None:
+    action = (ROOT / "action.yml").read_text()
+    assert "targets:" in action and "packaging/action/register.sh" in action
+    out = tmp_path / "github_output"
+    tmp_path.chmod(0o755)
+    env = {
+        **ENV,
+        "PYTHON": sys.executable,
+        "QUSD_SKIP_INSTALL": "1",
+        "QUSD_TARGETS": "aarch64\n  riscv64 \n\n",  # a YAML block's trailing newline
+        "QUSD_FLAGS": "F",
+        "GITHUB_OUTPUT": str(out),
+    }
+    script = str(ROOT / "packaging/action/register.sh")
+    res = sbx.run(["sh", script], env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "qemu-aarch64" in res.stdout and "qemu-riscv64" in res.stdout
+    text = out.read_text()
+    payload = text.split("registrations<<QUSD_EOF\n", 1)[1].rsplit("QUSD_EOF", 1)[0]
+    assert [r["name"] for r in json.loads(payload)] == ["qemu-aarch64", "qemu-riscv64"]
+
+    res = sbx.run(["sh", script], env={**env, "QUSD_TARGETS": "vax"})
+    assert res.returncode == 1
+    assert res.stdout.startswith("::error title=qusd binfmt::qusd-binfmt: unknown target 'vax'")
