@@ -244,12 +244,15 @@ def trusted_owners() -> frozenset[int]:
 
 
 def check_trusted(path: str) -> None:
-    """The interpreter and every directory above it (after symlinks) must be
-    owned by root and writable by nobody else: else whoever can write there
-    decides what runs in every process that execs a matching program."""
+    """The interpreter and every directory above it must be owned by root and
+    writable by nobody else, both along the path as given (whoever can write
+    a directory on it can swap a symlink there) and after symlinks are
+    resolved: else whoever can write there decides what runs in every process
+    that execs a matching program."""
     if not os.path.isabs(path):
         raise InterpreterError(f"interpreter {path!r} is not an absolute path")
-    real = os.path.realpath(path)
+    given = os.path.normpath(path)
+    real = os.path.realpath(given)
     owners = trusted_owners()
     try:
         st = os.stat(real)
@@ -263,16 +266,29 @@ def check_trusted(path: str) -> None:
     if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111:
         raise InterpreterError(f"interpreter {real} is not an executable regular file")
     _check_node(real, st, owners, path)
-    parent = os.path.dirname(real)
+    if given != real:
+        link = os.lstat(given)
+        if stat.S_ISLNK(link.st_mode) and link.st_uid not in owners:
+            raise UntrustedInterpreterError(
+                f"{given} is a symlink owned by uid {link.st_uid}, not root"
+            )
+        _check_dirs(os.path.dirname(given), owners, path)
+    _check_dirs(os.path.dirname(real), owners, path)
+
+
+def _check_dirs(directory: str, owners: frozenset[int], path: str) -> None:
+    """directory and each one above it, up to /."""
     while True:
         try:
-            st = os.stat(parent)
+            st = os.stat(directory)
         except OSError as e:
-            raise UntrustedInterpreterError(f"interpreter {path}: {parent}: {e.strerror}") from None
-        _check_node(parent, st, owners, path)
-        if parent == "/":
+            raise UntrustedInterpreterError(
+                f"interpreter {path}: {directory}: {e.strerror}"
+            ) from None
+        _check_node(directory, st, owners, path)
+        if directory == "/":
             return
-        parent = os.path.dirname(parent)
+        directory = os.path.dirname(directory)
 
 
 def _check_node(node: str, st: os.stat_result, owners: frozenset[int], path: str) -> None:

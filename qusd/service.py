@@ -25,7 +25,7 @@ from qusd.errors import (
     QusdError,
 )
 from qusd.events import event
-from qusd.policy import Caller, Policy, PolicyConfig, native_headers
+from qusd.policy import Caller, Policy, PolicyConfig, Role, native_headers
 from qusd.state import Record, State
 
 log = logging.getLogger("qusd.service")
@@ -324,7 +324,10 @@ class Service:
                 rule.encode()
                 existing = self.kernel.get(rule.name)
                 if existing is not None and existing.rule() == rule:
-                    result.unchanged.append(self._view(existing))
+                    view = self._view(existing)
+                    result.unchanged.append(view)
+                    if not view.managed and self.policy.role(caller) is not Role.ADMIN:
+                        continue  # only an admin may adopt another tool's entry
                 elif existing is not None and not replace_existing:
                     raise ConflictError(
                         f"{rule.name} is already registered with another definition "
