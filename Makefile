@@ -6,7 +6,7 @@ CACHE  := .cache
 FOREIGN := $(CACHE)/foreign
 export QUSD_FOREIGN_DIR := $(abspath $(FOREIGN))
 
-.PHONY: all setup test lint run clean
+.PHONY: all setup test lint run clean deb
 
 all: test
 
@@ -29,9 +29,23 @@ $(FOREIGN)/.stamp: tools/fetch-foreign.sh
 	sh tools/fetch-foreign.sh $(FOREIGN)
 	@touch $@
 
+# The Debian package (packaging/debian: debhelper + dh-virtualenv), built in
+# build/deb/qusd-VERSION/ and put in dist/. A file target: rebuilt only when
+# something that goes into it changes. As root, installs its Build-Depends.
+DEB := $(shell sh packaging/build-deb.sh --print-deb)
+DEB_INPUTS := pyproject.toml README.md packaging/qusd.toml packaging/build-deb.sh \
+	$(wildcard systemd/qusd.*) \
+	$(shell find qusd packaging/debian -name __pycache__ -prune -o ! -type d -print)
+
+$(DEB): $(DEB_INPUTS)
+	sh packaging/build-deb.sh
+
+deb: $(DEB)
+
 setup: $(VENV)/.installed $(FOREIGN)/.stamp
 
-test: setup
+# The suite checks the package too, so `make test` builds it (once).
+test: setup $(DEB)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory lint
 
@@ -46,3 +60,4 @@ lint: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) $(CACHE) run .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf build/deb $(DEB)

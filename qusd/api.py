@@ -114,11 +114,22 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         who = caller(request)
         audit.info(
             "audit: uid=%d pid=%d exe=%s action=%s %s names=%s result=%d",
-            who.uid, who.pid, who.exe() or "?", request.method, request.path,
-            ",".join(request.get("names", [])) or "-", response.status,
+            who.uid, who.pid, _escaped(who.exe() or "?"), request.method, request.raw_path,
+            _escaped(",".join(request.get("names", [])) or "-"), response.status,
             extra=event("refused") if response.status == 403 else None,
         )  # fmt: skip
     return response
+
+
+def _escaped(text: str) -> str:
+    """One audit record is one line: control characters (and backslashes)
+    escaped, so no request can forge a record."""
+    return "".join(
+        c
+        if c.isprintable() and c != "\\"
+        else c.encode("unicode_escape", "backslashreplace").decode()
+        for c in printable(text)
+    )
 
 
 async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -133,7 +144,10 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         return problem(429, e.code, "Too many requests", e.message,
                        headers={"Retry-After": str(e.retry_after)})  # fmt: skip
     except QusdError as e:
-        return problem(e.http_status, e.code, e.code.replace("-", " ").capitalize(), e.message)
+        resp = problem(e.http_status, e.code, e.code.replace("-", " ").capitalize(), e.message)
+        if isinstance(e, RequestTimeoutError):
+            resp.force_close()  # the client is stalled: do not wait for the rest
+        return resp
     except ValidationError as e:
         fields = [
             {"loc": ["body", *e_["loc"]], "msg": e_["msg"], "type": e_["type"]}
@@ -305,16 +319,19 @@ ROUTES = (
     Route("GET", "/v1/registrations", list_registrations, "Every entry in the kernel",
           response=RegistrationOut, many=True, errors=(503,)),
     Route("GET", "/v1/registrations/{name}", get_registration, "One entry",
-          response=RegistrationOut, errors=(404,)),
+          response=RegistrationOut, errors=(404, 503)),
     Route("POST", "/v1/registrations", register, "Register targets or a custom entry",
           request=RegisterRequest, response=RegisterResponse, status=201,
-          errors=(400, 409, 413, 415, 422, 503)),
+          errors=(400, 403, 408, 409, 413, 415, 422, 429, 503)),
     Route("PATCH", "/v1/registrations/{name}", patch_registration, "Enable or disable an entry",
-          request=EnableRequest, response=RegistrationOut, errors=(400, 404, 413, 415, 422)),
+          request=EnableRequest, response=RegistrationOut,
+          errors=(400, 403, 404, 408, 413, 415, 422, 429, 503)),
     Route("DELETE", "/v1/registrations/{name}", delete_registration,
-          "Remove an entry from the kernel and the state", status=204, errors=(404,)),
+          "Remove an entry from the kernel and the state", status=204,
+          errors=(403, 404, 429, 503)),
     Route("POST", "/v1/reset", reset, "Remove managed, qemu-* or all entries",
-          request=ResetRequest, response=ResetResponse, errors=(400, 413, 415, 422, 503)),
+          request=ResetRequest, response=ResetResponse,
+          errors=(400, 403, 408, 413, 415, 422, 429, 503)),
 )  # fmt: skip
 
 
@@ -399,23 +416,36 @@ class ConnectionGuard:
     """The protocol factory for the listening socket: at most max_connections
     open at once (more are closed at once), and a client that has not sent a
     whole request head within header_timeout is disconnected, so slow or
-    flooding clients cannot hold the daemon's memory or its connections."""
+    flooding clients cannot hold the daemon's memory or its connections.
+    (A keep-alive connection's later requests are bounded by
+    keepalive_timeout, like an idle one.)"""
 
     def __init__(self, server: web.Server, max_connections: int, header_timeout: float) -> None:
         self.server = server
         self.max_connections = max_connections
         self.header_timeout = header_timeout
         self.refused = 0
+        # the server learns of a connection only in connection_made, which
+        # asyncio calls on the next loop iteration: handlers made since then
+        # count too, so a batch of accepts cannot overshoot
+        self._pending = 0
         # handlers whose first request arrived; each leaves at its deadline
         self._started: set[object] = set()
 
     def __call__(self) -> asyncio.BaseProtocol:
-        if len(self.server.connections) >= self.max_connections:
+        if len(self.server.connections) + self._pending >= self.max_connections:
             self.refused += 1
             return _Refuse()
+        loop = asyncio.get_running_loop()
+        if self._pending == 0:
+            loop.call_soon(self._settled)
+        self._pending += 1
         handler = self.server()
-        asyncio.get_running_loop().call_later(self.header_timeout, self._deadline, handler)
+        loop.call_later(self.header_timeout, self._deadline, handler)
         return handler
+
+    def _settled(self) -> None:
+        self._pending = 0
 
     def started(self, request: web.BaseRequest) -> None:
         """Called for every request whose head arrived."""
@@ -426,8 +456,7 @@ class ConnectionGuard:
             self._started.discard(handler)
         elif handler.transport is not None:
             log.debug("closing a connection that sent no request in %gs", self.header_timeout)
-            handler.force_close()
-            handler.transport.close()
+            handler.force_close()  # closes the transport too
 
 
 class _Refuse(asyncio.Protocol):
@@ -448,7 +477,13 @@ async def start_server(
 ) -> tuple[web.AppRunner, asyncio.Server]:
     """Serve app on an already listening Unix socket, behind a ConnectionGuard."""
     runner = web.AppRunner(
-        app, access_log=None, shutdown_timeout=10, keepalive_timeout=keepalive_timeout
+        app,
+        access_log=None,
+        shutdown_timeout=10,
+        keepalive_timeout=keepalive_timeout,
+        # after an early answer (413, 408) read what the client still sends
+        # for a moment only: it must not hold a connection slot
+        lingering_time=1.0,
     )
     await runner.setup()
     assert runner.server is not None

@@ -307,7 +307,7 @@ class BinfmtMisc:
         return found
 
     def entry(self, name: str) -> Entry:
-        if name in RESERVED_NAMES or "/" in name or not name:
+        if not _could_be_entry(name):
             raise NoSuchEntryError(f"no binfmt_misc entry named {name!r}")
         try:
             text = (self.path / name).read_text(errors="surrogateescape")
@@ -371,7 +371,7 @@ class BinfmtMisc:
         self._control(name, b"-1")
 
     def _control(self, name: str, value: bytes) -> None:
-        if name != "status" and (name in RESERVED_NAMES or "/" in name or not name):
+        if name != "status" and not _could_be_entry(name):
             raise NoSuchEntryError(f"no binfmt_misc entry named {name!r}")
         try:
             _write(self.path / name, value)
@@ -385,6 +385,22 @@ class BinfmtMisc:
                     "the user namespace that mounted binfmt_misc"
                 ) from None
             raise KernelError(f"writing {self.path / name} failed: {e.strerror}") from None
+
+
+def _could_be_entry(name: str) -> bool:
+    """Whether an entry could have this name; anything else is not looked up
+    at all (a NUL or an over-long name would make open() fail oddly)."""
+    try:
+        raw = os.fsencode(name)
+    except UnicodeEncodeError:
+        return False
+    return (
+        bool(raw)
+        and name not in RESERVED_NAMES
+        and b"/" not in raw
+        and b"\0" not in raw
+        and (len(raw) <= NAME_MAX)
+    )
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -167,6 +167,9 @@ class RegisterRequest(Request):
     @classmethod
     def _known(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
         catalog: Catalog | None = (info.context or {}).get("catalog")
+        for name in value or []:
+            if any(c.isspace() or not c.isprintable() for c in name):
+                raise _invalid(f"target {name!r} has spaces or control characters")
         if value is not None and catalog is not None:
             for name in value:
                 try:
