@@ -54,8 +54,8 @@ run: setup
 	@sh tools/run.sh
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check qusd tests
-	$(BIN)/ruff format --check qusd tests
+	$(BIN)/ruff check qusd tests bench
+	$(BIN)/ruff format --check qusd tests bench
 	$(BIN)/mypy
 
 clean:

@@ -39,14 +39,24 @@ def measure(runs: int) -> None:
         (Path(tmp) / "empty.toml").write_text("")
         script = Path(tmp) / "register.sh"
         script.write_bytes(
-            b"".join(b"printf '%s\\n' '" + r.encode().replace(b"\\", b"\\\\") + b"'"
-                     b" > /proc/sys/fs/binfmt_misc/register\n" for r in rules)  # fmt: skip
+            b"".join(
+                b"printf '%s\\n' '" + r.encode().replace(b"\\", b"\\\\") + b"'"
+                b" > /proc/sys/fs/binfmt_misc/register\n"
+                for r in rules
+            )
         )
         commands = {
             "python -c pass": ([sys.executable, "-c", "pass"], 0),
             "shell loop": (["sh", str(script)], len(rules)),
             "qusd restore": (
-                [QUSD, "restore", "--state-dir", str(state_dir), "--config", str(Path(tmp) / "empty.toml")],
+                [
+                    QUSD,
+                    "restore",
+                    "--state-dir",
+                    str(state_dir),
+                    "--config",
+                    str(Path(tmp) / "empty.toml"),
+                ],
                 len(rules),
             ),
         }
@@ -55,7 +65,9 @@ def measure(runs: int) -> None:
             for name, (argv, expect) in commands.items():
                 kernel.remove_all()
                 start = time.perf_counter()
-                subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                subprocess.run(
+                    argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
                 times[name].append(time.perf_counter() - start)
                 assert len(kernel.names()) == expect, (name, kernel.names())
         kernel.remove_all()
