@@ -260,8 +260,9 @@ class BinfmtMisc:
         err = ctypes.get_errno()
         if err == errno.EPERM:
             raise KernelPermissionError(
-                f"cannot mount binfmt_misc at {self.path}: it needs CAP_SYS_ADMIN "
-                "(run as root, or in a user namespace on Linux >= 6.7)"
+                f"cannot mount binfmt_misc at {self.path}: it needs CAP_SYS_ADMIN (run as "
+                "root, or in a user namespace on Linux >= 6.7) and mount(2) allowed (under "
+                "systemd: SystemCallFilter=@mount)"
             )
         if err == errno.ENODEV:
             raise NotMountedError(

@@ -9,7 +9,7 @@ import os
 import socket
 from typing import Any
 
-from qusd.errors import DaemonUnavailableError, QusdError, error_class
+from qusd.errors import DaemonUnavailableError, QusdError, SocketPermissionError, error_class
 
 DEFAULT_SOCKET = "/run/qusd/qusd.sock"
 
@@ -62,7 +62,7 @@ class Client:
                 "start it with 'systemctl start qusd'"
             ) from None
         except PermissionError:
-            raise DaemonUnavailableError(
+            raise SocketPermissionError(
                 f"permission denied on {self.path}: ask an admin to add you to the "
                 "qusd group (then log in again)"
             ) from None

@@ -196,3 +196,11 @@ class RequestTimeoutError(QusdError):
     code = "timeout"
     http_status = 408
     exit_status = 75
+
+
+class SocketPermissionError(QusdError):
+    """The client may not connect to the daemon's socket (not in its group)."""
+
+    code = "socket-permission"
+    http_status = 403
+    exit_status = 77  # EX_NOPERM

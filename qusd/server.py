@@ -46,8 +46,7 @@ async def serve(
              sum(r.managed for r in regs))  # fmt: skip
     systemd_glue.notify(
         "READY=1",
-        f"STATUS=restored {len(report.restored) + len(report.adopted)} registrations, "
-        f"serving on {where}",
+        f"STATUS={report.summary()}; serving on {where}",
         f"MAINPID={os.getpid()}",
     )
     tasks = [asyncio.create_task(keep_alive(svc, cfg.reconcile_interval))]

@@ -169,13 +169,31 @@ class Service:
             existing = self.kernel.get(name)
             if existing is not None and existing.rule() == rec.rule:
                 report.adopted.append(name)
+            elif existing is not None and rec.owned and rec.persistent:
+                try:  # an admin replaced it once: qusd keeps the name
+                    self.kernel.remove(name)
+                    self.kernel.register(rec.rule)
+                    if not rec.enabled:
+                        self.kernel.disable(name)
+                except QusdError as e:
+                    report.failed.append(name)
+                    self._warn(
+                        before, f"restore:{name}", f"could not take back {name}: {e.message}"
+                    )
+                    continue
+                report.restored.append(name)
+                log.info(
+                    "took back %s from another definition (%s)", name, existing.describe(),
+                    extra=event("restored"),
+                )  # fmt: skip
             elif existing is not None:
                 report.conflicts.append(name)
                 self._warn(
                     before,
                     f"conflict:{name}",
                     f"{name} is in the kernel with another definition "
-                    f"({existing.describe()}); qusd left it alone",
+                    f"({existing.describe()}); qusd left it alone (register it with "
+                    "replace to make qusd keep it)",
                 )
             elif not rec.persistent:
                 report.dropped.append(name)
@@ -356,7 +374,11 @@ class Service:
                 # unchanged keeps its enabled state, a new one is enabled
                 same = existing is not None and existing.rule() == rule
                 enabled = existing.enabled if existing is not None and same else True
-                records[rule.name] = Record(rule, persistent, enabled, target)
+                old = records.get(rule.name)
+                owned = (existing is not None and not same) or (
+                    old is not None and old.owned and old.rule == rule
+                )
+                records[rule.name] = Record(rule, persistent, enabled, target, owned)
             undo = _Undo()
             try:
                 for rule, existing in plan:

@@ -33,6 +33,10 @@ class Record:
     persistent: bool = True
     enabled: bool = True
     target: str | None = None
+    #: registered over another definition (replace): qusd keeps the name
+    #: against other definitions that come back (a distribution's binfmt.d
+    #: rules, which systemd-binfmt registers at every boot and restart)
+    owned: bool = False
 
     def to_json(self) -> dict[str, Any]:
         r = self.rule
@@ -48,6 +52,7 @@ class Record:
             "persistent": self.persistent,
             "enabled": self.enabled,
             "target": self.target,
+            "owned": self.owned,
         }
 
     @classmethod
@@ -64,7 +69,8 @@ class Record:
         rule.encode()  # refuse a record the kernel would refuse
         rule = rule.normalized()
         target = d.get("target")
-        return cls(rule, _typed(d, "persistent", bool), _typed(d, "enabled", bool), target)
+        owned = _typed(d, "owned", bool) if "owned" in d else False
+        return cls(rule, _typed(d, "persistent", bool), _typed(d, "enabled", bool), target, owned)
 
 
 def _typed(d: dict[str, Any], key: str, kind: type) -> Any:

@@ -659,6 +659,38 @@ def test_keep_alive_leaves_a_foreign_definition_alone_and_reports_it(spawn: Spaw
     assert kernel_defs(d) == {"qemu-aarch64": (ours, True)}
 
 
+def flush_and_reregister(rule: Rule) -> None:
+    """Runs inside a sandbox: what systemd-binfmt does at boot and restart,
+    flush the whole table and register its binfmt.d rules."""
+    from qusd.binfmt import BinfmtMisc  # noqa: PLC0415
+
+    kernel = BinfmtMisc()
+    kernel.remove_all()
+    kernel.register(rule)
+
+
+def test_replace_makes_qusd_keep_the_name(spawn: Spawn) -> None:
+    """A distribution's binfmt.d rule (Debian's qemu-user-static) holds
+    qemu-aarch64; an admin replaces it through qusd: from then on qusd takes
+    the name back whenever systemd-binfmt puts the other definition back."""
+    interpreter("aarch64")
+    d = spawn("--reconcile-interval", "0.2")
+    d.inside.kernel.register(foreign_aarch64())
+    with pytest.raises(QusdError, match="replace it explicitly"):
+        register(d, "arm64")
+    register(d, "arm64", replace=True)
+    ours = d.inside.kernel.entry("qemu-aarch64").rule()
+    assert ours != foreign_aarch64().normalized()
+    assert state_records(d.state_dir)["qemu-aarch64"].owned is True
+
+    d.inside.func("tests.test_daemon:flush_and_reregister", foreign_aarch64())
+    wait_for(lambda: d.inside.kernel.entry("qemu-aarch64").rule() == ours, "qusd took it back")
+    assert "took back qemu-aarch64 from another definition" in d.log.read_text()
+    assert d.client.get("/v1/status")["warnings"] == []
+    reg = d.client.get("/v1/registrations/qemu-aarch64")
+    assert (reg["managed"], reg["persistent"]) == (True, True)
+
+
 def test_a_conflict_found_at_start_is_reported_and_left_alone(
     daemon: Daemon, sbx: Sandbox, tmp_path: Path
 ) -> None:

@@ -371,6 +371,15 @@ def test_socket_is_closed_to_outsiders(accounts: Accounts, roled: Daemon) -> Non
             )
             assert res.returncode == 7, (res.returncode, res.stderr)  # could not connect
             assert "Couldn't connect" in res.stderr or "Permission denied" in res.stderr
+        # qusctl says why, and how to get in, with the permission exit status
+        py = python_for(accounts.other.uid)
+        res = subprocess.run(
+            accounts.other.argv([py, "-m", "qusd.cli", "--socket", roled.socket, "list"]),
+            capture_output=True, text=True, timeout=40, check=False, cwd="/",
+            env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        assert res.returncode == 77, res.stderr
+        assert "add you to the qusd group" in res.stderr
     assert audit_lines(roled) == []  # it never reached the daemon
 
 

@@ -154,7 +154,7 @@ def test_notify_ready_after_restore_status_and_watchdog(tmp_path: Path) -> None:
         lines = dict(line.split("=", 1) for line in ready.splitlines())
         assert lines["READY"] == "1"
         assert lines["MAINPID"] == str(proc.pid)
-        assert lines["STATUS"] == f"restored 1 registrations, serving on {tmp_path / 'qusd.sock'}"
+        assert lines["STATUS"] == f"restored 1, adopted 0; serving on {tmp_path / 'qusd.sock'}"
         inside = Sandbox(enter=proc.pid)
         assert inside.kernel.names() == ["qemu-aarch64"]
         # and the socket answers
