@@ -6,7 +6,11 @@ set -eu
 missing=""
 need() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed" || missing="$missing $1"; }
 
-for pkg in qemu-user-static libsystemd-dev pkg-config gcc util-linux; do need "$pkg"; done
+# curl, systemd (systemd-analyze, systemd-socket-activate, systemd-sysusers) and
+# passwd (useradd) are for the tests.
+for pkg in qemu-user-static libsystemd-dev pkg-config gcc util-linux curl systemd passwd make; do
+    need "$pkg"
+done
 # The interpreter that builds the venv needs its headers (systemd-python
 # compiles) and the venv module; Debian splits both out of python3.
 PY="${PYTHON:-python3}"
