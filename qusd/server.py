@@ -46,7 +46,7 @@ async def serve(
              sum(r.managed for r in regs))  # fmt: skip
     systemd_glue.notify(
         "READY=1",
-        f"STATUS={report.summary()}; serving on {where}",
+        f"STATUS={report.summary()}; serving on {where}{_warnings(svc)}",
         f"MAINPID={os.getpid()}",
     )
     tasks = [asyncio.create_task(keep_alive(svc, cfg.reconcile_interval))]
@@ -68,6 +68,12 @@ async def serve(
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(where)
     log.info("stopped; registrations stay in the kernel")
+
+
+def _warnings(svc: Service) -> str:
+    """What `systemctl status` should not hide: not mounted, conflicts, ..."""
+    n = len(svc.warnings)
+    return f"; {n} warning{'s' if n > 1 else ''} (qusctl status)" if n else ""
 
 
 async def watchdog(interval: float) -> None:
