@@ -33,9 +33,10 @@ stage=$top/build/deb/qusd-$version
 echo "build-deb: staging the source package in ${stage#"$top"/}"
 rm -rf "$top/build/deb"
 mkdir -p "$stage"
-# What `pip install .` needs, without caches and build leftovers.
+# What `pip install .` needs, without caches and build leftovers, and the
+# man pages (debian/qusd.manpages).
 tar -cf - --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' \
-    pyproject.toml README.md qusd systemd packaging/qusd.toml | tar -xf - -C "$stage"
+    pyproject.toml README.md qusd systemd packaging/qusd.toml docs/man | tar -xf - -C "$stage"
 # debian/ links to the units in systemd/: copy what they point at.
 cp -RL packaging/debian "$stage/debian"
 if [ "$debversion" != "$changelog_version" ]; then

@@ -11,6 +11,7 @@ thrown away with its mount namespace.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -186,7 +187,13 @@ def test_files(root: Path) -> None:
         )
         assert installed.stat().st_mode & 0o7777 == 0o644, installed
 
-    for prog in ("qusd", "qusctl"):
+    for page in ("man8/qusd.8", "man1/qusctl.1", "man1/qusd-binfmt.1", "man5/qusd.toml.5"):
+        installed = root / "usr/share/man" / f"{page}.gz"
+        assert installed.is_file(), f"no {installed} (debian/qusd.manpages)"
+        source = ROOT / "docs/man" / page.split("/")[1]
+        assert gzip.decompress(installed.read_bytes()) == source.read_bytes(), installed
+
+    for prog in ("qusd", "qusctl", "qusd-binfmt"):
         link = root / "usr/bin" / prog
         assert link.is_symlink(), link
         assert os.path.normpath(os.path.join("/usr/bin", os.readlink(link))) == f"{VENV}/bin/{prog}"

@@ -6,9 +6,9 @@ set -eu
 missing=""
 need() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed" || missing="$missing $1"; }
 
-# curl, systemd (systemd-analyze, systemd-socket-activate, systemd-sysusers) and
-# passwd (useradd) are for the tests.
-for pkg in qemu-user-static libsystemd-dev pkg-config gcc util-linux curl systemd passwd make; do
+# curl, systemd (systemd-analyze, systemd-socket-activate, systemd-sysusers),
+# passwd (useradd) and groff-base (the man pages) are for the tests.
+for pkg in qemu-user-static libsystemd-dev pkg-config gcc util-linux curl systemd passwd make groff-base; do
     need "$pkg"
 done
 # The interpreter that builds the venv needs its headers (systemd-python
