@@ -35,6 +35,17 @@ RESERVED_NAMES = frozenset({"register", "status", ".", ".."})
 DELIMITER = ":"
 
 
+def magic_matches(header: bytes, offset: int, magic: bytes, mask: bytes | None) -> bool:
+    """Whether the kernel would match these bytes of a file's head (a mask of
+    None compares every bit)."""
+    window = header[offset : offset + len(magic)]
+    if len(window) < len(magic):
+        return False
+    if mask is None:
+        return window == magic
+    return all((h & m) == (g & m) for h, g, m in zip(window, magic, mask, strict=True))
+
+
 def normalize_flags(flags: str) -> str:
     """Flags as the kernel reports them: in POCF order, once each, C implying O."""
     present = set(flags)
@@ -84,6 +95,11 @@ class Rule:
     @property
     def type(self) -> str:
         return "M" if self.extension is None else "E"
+
+    def matches(self, header: bytes) -> bool:
+        """Whether a file with this head would go to the interpreter (never,
+        for an extension rule: it looks at the name)."""
+        return self.extension is None and magic_matches(header, self.offset, self.magic, self.mask)
 
     def normalized(self) -> Rule:
         """The rule as the kernel will report it back."""

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qusd.binfmt import Rule
+from qusd.binfmt import Rule, magic_matches
 from qusd.errors import UnknownTargetError
 
 # target, family, magic, mask (hex), as in QEMU's scripts/qemu-binfmt-conf.sh.
@@ -101,13 +101,7 @@ class Target:
 
     def matches(self, header: bytes) -> bool:
         """Whether the kernel would hand a file with this header to the target."""
-        end = self.offset + len(self.magic)
-        if len(header) < end:
-            return False
-        window = header[self.offset : end]
-        return all(
-            (h & m) == (g & m) for h, g, m in zip(window, self.magic, self.mask, strict=True)
-        )
+        return magic_matches(header, self.offset, self.magic, self.mask)
 
 
 def _parse_table(text: str) -> tuple[Target, ...]:

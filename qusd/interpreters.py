@@ -12,7 +12,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from qusd.catalog import Target
+from qusd.catalog import Catalog, Target
+from qusd.errors import InterpreterError
 
 DEFAULT_DIRS: tuple[str, ...] = ("/usr/bin", "/usr/local/bin", "/usr/libexec/qemu-binfmt")
 
@@ -81,6 +82,27 @@ def _unpack(fmt: str, data: bytes, offset: int) -> int:
 def candidates(target: Target) -> tuple[str, str]:
     """Interpreter file names for a target, preferred first."""
     return (f"qemu-{target.cpu}-static", f"qemu-{target.cpu}")
+
+
+def foreign_with_interpreters(
+    catalog: Catalog, host_family: str, dirs: Sequence[str] = DEFAULT_DIRS
+) -> list[Target]:
+    """What registering "everything" means (as for qus and QEMU's script):
+    every target of another family than the host's that has an interpreter."""
+    return [t for t in catalog.foreign(host_family) if find(t, dirs)]
+
+
+def require(target: Target, dirs: Sequence[str], fix: str) -> Interpreter:
+    """The interpreter for a target, or InterpreterError naming what was
+    looked for, where, and fix."""
+    found = find(target, dirs)
+    if found is None:
+        raise InterpreterError(
+            f"no interpreter for {target.name}: no {' or '.join(candidates(target))} in "
+            f"{', '.join(dirs)}; {fix}",
+            target=target.name,
+        )
+    return found
 
 
 def find(target: Target, dirs: Sequence[str] = DEFAULT_DIRS) -> Interpreter | None:

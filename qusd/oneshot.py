@@ -27,7 +27,7 @@ from typing import Any
 from qusd import catalog, interpreters
 from qusd.binfmt import DEFAULT_PATH, BinfmtMisc, Entry
 from qusd.cli import table
-from qusd.errors import ConflictError, InterpreterError, QusdError
+from qusd.errors import ConflictError, QusdError
 
 
 def split_targets(values: Sequence[str]) -> list[str]:
@@ -54,18 +54,11 @@ def register(ns: argparse.Namespace) -> list[dict[str, Any]]:
     names = split_targets(ns.targets)
     dirs = ns.interpreter_dir or interpreters.DEFAULT_DIRS
     if not names or names == ["all"]:
-        targets = [t for t in cat.foreign(family) if interpreters.find(t, dirs)]
+        targets = interpreters.foreign_with_interpreters(cat, family, dirs)
     else:
         targets = cat.resolve(names)
-    rules = []
-    for t in targets:
-        found = interpreters.find(t, dirs)
-        if found is None:
-            raise InterpreterError(
-                f"no interpreter for {t.name} in {', '.join(dirs)}: use an image with "
-                "interpreters, or mount a host directory and pass --interpreter-dir"
-            )
-        rules.append(t.rule(found.path, ns.flags))
+    fix = "use an image with interpreters, or mount a host directory and pass --interpreter-dir"
+    rules = [t.rule(interpreters.require(t, dirs, fix).path, ns.flags) for t in targets]
     kernel = _kernel(ns.binfmt_path)
     done: list[dict[str, Any]] = []
     added: list[str] = []

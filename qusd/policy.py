@@ -172,23 +172,13 @@ class Policy:
             check_trusted(rule.interpreter)
 
     def check_host_types(self, rule: Rule) -> None:
-        if rule.extension is not None:
-            return
         for header in self.native_headers:
-            if _rule_matches(rule, header):
+            if rule.matches(header):
                 raise HostTypeError(
                     f"{rule.name} would match the host's own programs ({self.host_family} "
                     "ELF): every exec on the machine would go to its interpreter; an admin "
                     "may pass force if that is really meant"
                 )
-
-
-def _rule_matches(rule: Rule, header: bytes) -> bool:
-    window = header[rule.offset : rule.offset + len(rule.magic)]
-    if len(window) < len(rule.magic):
-        return False
-    mask = rule.mask if rule.mask is not None else b"\xff" * len(rule.magic)
-    return all((h & m) == (g & m) for h, g, m in zip(window, rule.magic, mask, strict=True))
 
 
 def native_headers(catalog: Catalog, host_family: str, samples: Iterable[str] = ()) -> list[bytes]:

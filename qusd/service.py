@@ -19,7 +19,6 @@ from qusd.binfmt import BinfmtMisc, Entry, Rule
 from qusd.catalog import Catalog, Target, family_of, host_machine
 from qusd.errors import (
     ConflictError,
-    InterpreterError,
     NoSuchEntryError,
     NotMountedError,
     QusdError,
@@ -270,26 +269,17 @@ class Service:
     # -- mutations ----------------------------------------------------------
 
     def rule_for(self, target: Target, flags: str) -> Rule:
-        interp = interpreters.find(target, self.interpreter_dirs)
-        if interp is None:
-            names = " or ".join(interpreters.candidates(target))
-            raise InterpreterError(
-                f"no interpreter for {target.name}: no {names} in "
-                f"{', '.join(self.interpreter_dirs)}; install qemu-user-static",
-                target=target.name,
-            )
-        return target.rule(interp.path, flags)
+        found = interpreters.require(target, self.interpreter_dirs, "install qemu-user-static")
+        return target.rule(found.path, flags)
 
     def _chosen(self, names: Sequence[str] | None) -> list[Target]:
         """Named targets; with no names, every target of another family than
         the host's that has an interpreter (what qus and QEMU's script do)."""
         if names is not None:
             return self.catalog.resolve(names)
-        return [
-            t
-            for t in self.catalog.foreign(self.family)
-            if interpreters.find(t, self.interpreter_dirs)
-        ]
+        return interpreters.foreign_with_interpreters(
+            self.catalog, self.family, self.interpreter_dirs
+        )
 
     async def register_targets(
         self,
@@ -352,7 +342,6 @@ class Service:
             plan: list[tuple[Rule, Entry | None]] = []
             for given, target in items:
                 rule = given.normalized()
-                rule.encode()
                 existing = self.kernel.get(rule.name)
                 if existing is not None and existing.rule() == rule:
                     view = self._view(existing)

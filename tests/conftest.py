@@ -241,17 +241,23 @@ class Daemon:
         self._inside: Sandbox | None = None
         self.wait_ready()
 
+    def probe(self) -> bool:
+        """One request once the socket may answer: True when qusd serves."""
+        return bool(self.client.get("/v1/health") == {"status": "ok"})
+
     def wait_ready(self, timeout: float = 30) -> None:
+        """Probe until qusd serves; an HTTP error answer is a failure."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"qusd exited {self.proc.returncode}: {self.log.read_text()}")
             try:
-                if self.client.get("/v1/health") == {"status": "ok"}:
+                if self.probe():
                     return
-            except QusdError:
-                pass
-            time.sleep(0.05)
+            except QusdError as e:
+                if "status" in e.details:  # it answered, with an error
+                    raise
+            time.sleep(0.02)
         raise RuntimeError(f"qusd did not answer in {timeout}s: {self.log.read_text()}")
 
     @property
