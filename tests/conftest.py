@@ -13,8 +13,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -300,3 +303,39 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     finally:
         if d.proc.poll() is None:
             d.stop(signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class Shared:
+    """Where other users find this checkout's code, its Python packages and
+    the foreign programs."""
+
+    root: Path
+
+    @property
+    def pythonpath(self) -> str:
+        return f"{self.root}:{self.root / 'site'}"
+
+    def busybox(self, arch: str) -> Path:
+        busybox_path(arch)  # skips, with the reason, if it was never fetched
+        return self.root / "foreign" / arch / "busybox"
+
+
+@pytest.fixture(scope="session")
+def shared() -> Iterator[Shared]:
+    """Tests that run code as other users need it where they can read it: the
+    checkout (and the venv in it) may sit in a directory closed to them, so a
+    copy goes to a fresh directory under /tmp, removed at the end."""
+    if os.getuid() != 0:
+        pytest.skip("switching to another user needs root (the tests run as they are)")
+    root = Path(tempfile.mkdtemp(prefix="qusd-shared-", dir="/tmp"))
+    try:
+        root.chmod(0o755)
+        junk = shutil.ignore_patterns("__pycache__", "__editable__*", "*.pth")
+        shutil.copytree(ROOT / "qusd", root / "qusd", ignore=junk)
+        shutil.copytree(sysconfig.get_paths()["purelib"], root / "site", ignore=junk)
+        if FOREIGN_DIR.is_dir():
+            shutil.copytree(FOREIGN_DIR, root / "foreign")
+        yield Shared(root)
+    finally:
+        shutil.rmtree(root)

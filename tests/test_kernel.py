@@ -18,7 +18,15 @@ from qusd.errors import (
     NoSuchEntryError,
     NotMountedError,
 )
-from tests.conftest import NOBODY, ROOT, Sandbox, busybox_path, interpreter, python_for, run_as
+from tests.conftest import (
+    NOBODY,
+    Sandbox,
+    Shared,
+    busybox_path,
+    interpreter,
+    python_for,
+    run_as,
+)
 
 AARCH64 = catalog.builtin().get("aarch64")
 
@@ -242,25 +250,25 @@ except KernelPermissionError as e:
 """
 
 
-def test_mount_without_privilege_is_eperm_explained() -> None:
+def test_mount_without_privilege_is_eperm_explained(shared: Shared) -> None:
     if os.getuid() != 0:
         pytest.skip("switching to another user needs root")
     py = python_for(NOBODY)
     with tempfile.TemporaryDirectory(dir="/tmp") as where:  # reachable by nobody
         os.chmod(where, 0o755)
         res = run_as(NOBODY, NOBODY, [py, "-c", MOUNT_AS_NOBODY, where],
-                     env={"PYTHONPATH": str(ROOT)}, cwd="/")  # fmt: skip
+                     env={"PYTHONPATH": shared.pythonpath}, cwd="/")  # fmt: skip
     assert res.returncode == 3, res.stderr
     assert "cannot mount binfmt_misc" in res.stdout and "needs CAP_SYS_ADMIN" in res.stdout
 
 
-def test_unprivileged_user_inside_is_refused(sbx: Sandbox) -> None:
+def test_unprivileged_user_inside_is_refused(sbx: Sandbox, shared: Shared) -> None:
     if os.getuid() != 0:
         pytest.skip("only root's sandbox maps other users")
     py = python_for(NOBODY)
     res = sbx.run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", py, "-c", REGISTER],
-        env={"PYTHONPATH": str(ROOT)}, cwd="/",
+        env={"PYTHONPATH": shared.pythonpath}, cwd="/",
     )  # fmt: skip
     assert res.returncode == 3, res.stderr
     assert "not allowed to register" in res.stdout

@@ -30,7 +30,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -47,9 +46,8 @@ from qusd.policy import Caller, Policy, PolicyConfig, Role
 from qusd.state import FILENAME
 from tests.conftest import (
     NOBODY,
-    ROOT,
     Daemon,
-    busybox_path,
+    Shared,
     interpreter,
     needs_sandbox,
     python_for,
@@ -351,7 +349,7 @@ def test_peer_credentials_carry_supplementary_groups(accounts: Accounts, workdir
             assert policy.role(who) is role
 
 
-def test_socket_is_closed_to_outsiders(accounts: Accounts, roled: Daemon) -> None:
+def test_socket_is_closed_to_outsiders(accounts: Accounts, roled: Daemon, shared: Shared) -> None:
     st = os.stat(roled.socket)
     assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660
     assert (st.st_uid, st.st_gid) == (0, accounts.users_gid)
@@ -376,7 +374,7 @@ def test_socket_is_closed_to_outsiders(accounts: Accounts, roled: Daemon) -> Non
         res = subprocess.run(
             accounts.other.argv([py, "-m", "qusd.cli", "--socket", roled.socket, "list"]),
             capture_output=True, text=True, timeout=40, check=False, cwd="/",
-            env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)},
+            env={"PATH": os.environ["PATH"], "PYTHONPATH": shared.pythonpath},
         )  # fmt: skip
         assert res.returncode == 77, res.stderr
         assert "add you to the qusd group" in res.stderr
@@ -923,7 +921,9 @@ def _wait_for_socket(proc: subprocess.Popen[bytes], sock: str, log: Path) -> Non
     raise AssertionError(f"qusd did not answer in 30 s: {log.read_text()}")
 
 
-def test_rootless_daemon_of_an_ordinary_user(accounts: Accounts, workdir: Path) -> None:
+def test_rootless_daemon_of_an_ordinary_user(
+    accounts: Accounts, workdir: Path, shared: Shared
+) -> None:
     """qusdt-user, with no privilege, runs its own qusd: it is root (so admin)
     in its namespace, registers arm64 there and runs an arm64 program."""
     user = accounts.user
@@ -935,17 +935,10 @@ def test_rootless_daemon_of_an_ordinary_user(accounts: Accounts, workdir: Path) 
         os.chown(path, user.uid, NOGROUP)
     home.chmod(0o700)
     sock = str(home / "qusd.sock")
-    bb = busybox_path("arm64")
+    bb = shared.busybox("arm64")
     py = python_for(user.uid)
-    # the venv's interpreter may sit under a directory closed to others: the
-    # Python the user may run gets this one's packages
-    paths = sysconfig.get_paths()
-    env = {
-        "PATH": os.environ["PATH"],
-        "PYTHONPATH": ":".join(
-            dict.fromkeys([str(ROOT), *(paths[k] for k in ("purelib", "platlib"))])
-        ),
-    }
+    # the Python the user may run gets the copy of this checkout's packages
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": shared.pythonpath}
     probe = subprocess.run(
         user.argv([py, "-c", f"import aiohttp, pydantic, qusd.daemon; open({str(bb)!r}).close()"]),
         env=env,

@@ -10,7 +10,7 @@ import pytest
 from qusd import sandbox
 from qusd.binfmt import BinfmtMisc
 from qusd.errors import SandboxError
-from tests.conftest import NOBODY, ROOT, Sandbox, busybox_path, needs_sandbox, python_for, run_as
+from tests.conftest import NOBODY, Sandbox, Shared, needs_sandbox, python_for, run_as
 
 
 def test_old_kernels_get_a_clear_reason(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -39,21 +39,17 @@ def test_sandbox_mount_does_not_reach_the_host(sbx: Sandbox) -> None:
 
 
 @needs_sandbox
-def test_rootless_user_gets_a_private_table_without_privilege() -> None:
+def test_rootless_user_gets_a_private_table_without_privilege(shared: Shared) -> None:
     """An ordinary user registers emulation in its own table: no privilege."""
-    if os.getuid() != 0:
-        pytest.skip("switching to another user needs root (the test runs as it is)")
-    if run_as(NOBODY, NOBODY, ["test", "-r", str(ROOT / "qusd" / "cli.py")]).returncode != 0:
-        pytest.skip(f"{ROOT} is not readable by nobody")
-    bb = busybox_path("arm64")
+    bb = shared.busybox("arm64")
     py = python_for(NOBODY)
     script = f"cat /proc/self/uid_map; {bb} uname -m"
     res = run_as(
         NOBODY,
         NOBODY,
         [py, "-m", "qusd.cli", "sandbox", "--register", "arm64", "--", "sh", "-c", script],
-        cwd=ROOT,
-        env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)},
+        cwd="/",
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": shared.pythonpath},
     )
     assert res.returncode == 0, res.stderr
     uid_map, machine = res.stdout.splitlines()
