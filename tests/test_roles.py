@@ -1,7 +1,8 @@
 """Roles on the real kernel, with real users: who may do what over the socket.
 
 A module fixture makes two groups and three system users with names no real
-account has (qusdt-*), and removes them at the end. Every user's primary
+account has (qusdt-*-RUN, RUN random per run, so two runs on one machine
+keep apart), and removes them at the end. Every user's primary
 group is nogroup, so each role comes from a supplementary group, which the
 daemon learns only through SO_PEERGROUPS:
 
@@ -25,6 +26,7 @@ import math
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -67,10 +69,14 @@ pytestmark = needs_sandbox
 CURL = "/usr/bin/curl"
 SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
 NOGROUP = NOBODY  # gid 65534: nogroup, every test user's primary group
-USERS = "qusdt-users"
-ADMINS = "qusdt-admins"
+#: a suffix of this run's own: two runs on one machine (worktrees, CI beside
+#: a developer) must not remove each other's accounts
+RUN = secrets.token_hex(3)
+USERS = f"qusdt-users-{RUN}"
+ADMINS = f"qusdt-admins-{RUN}"
+USER, ADMIN, OTHER = f"qusdt-user-{RUN}", f"qusdt-admin-{RUN}", f"qusdt-other-{RUN}"
 #: our accounts and their supplementary groups
-ACCOUNTS = {"qusdt-user": (USERS,), "qusdt-admin": (ADMINS, USERS), "qusdt-other": ()}
+ACCOUNTS = {USER: (USERS,), ADMIN: (ADMINS, USERS), OTHER: ()}
 BUILTIN = catalog.builtin()
 HOST_FAMILY = catalog.family_of(catalog.host_machine())
 AARCH64 = BUILTIN.get("aarch64")
@@ -119,7 +125,7 @@ def _exists(lookup: Any, name: str) -> bool:
 
 
 def _remove_accounts() -> None:
-    """Remove our users and groups, also what an interrupted run left behind."""
+    """Remove this run's users and groups."""
     for name in ACCOUNTS:
         if _exists(pwd.getpwnam, name):
             subprocess.run(["userdel", name], capture_output=True, timeout=60, check=False)
@@ -161,9 +167,7 @@ def accounts() -> Iterator[Accounts]:
             )
             assert res.returncode == 0, res.stderr
             assert {int(g) for g in res.stdout.split()} == {NOGROUP, *(gids[g] for g in groups)}
-        yield Accounts(
-            made["qusdt-user"], made["qusdt-admin"], made["qusdt-other"], gids[USERS], gids[ADMINS]
-        )
+        yield Accounts(made[USER], made[ADMIN], made[OTHER], gids[USERS], gids[ADMINS])
     finally:
         _remove_accounts()
 

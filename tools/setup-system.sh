@@ -7,8 +7,14 @@ missing=""
 need() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed" || missing="$missing $1"; }
 
 # curl, systemd (systemd-analyze, systemd-socket-activate, systemd-sysusers),
-# passwd (useradd) and groff-base (the man pages) are for the tests.
-for pkg in qemu-user-static libsystemd-dev pkg-config gcc util-linux curl systemd passwd make groff-base; do
+# passwd (useradd) and groff-base (the man pages) are for the tests; so are
+# the real peers and consumers the tests use: qemu-user (a dynamic
+# interpreter), podman, buildah, uidmap and crun (images and containers, also
+# rootless), mmdebstrap and debootstrap (base images, the VM's root),
+# qemu-system-x86 (the boot test), lintian (the package), inotify-tools.
+for pkg in qemu-user-static libsystemd-dev pkg-config gcc util-linux curl systemd passwd make groff-base \
+    qemu-user podman buildah uidmap crun fuse-overlayfs slirp4netns mmdebstrap debootstrap \
+    qemu-system-x86 lintian inotify-tools; do
     need "$pkg"
 done
 # The interpreter that builds the venv needs its headers (systemd-python
