@@ -6,7 +6,7 @@ CACHE  := .cache
 FOREIGN := $(CACHE)/foreign
 export QUSD_FOREIGN_DIR := $(abspath $(FOREIGN))
 
-.PHONY: all setup test lint run clean deb
+.PHONY: all setup test test-unit lint run clean deb
 
 all: test
 
@@ -44,10 +44,16 @@ deb: $(DEB)
 
 setup: $(VENV)/.installed $(FOREIGN)/.stamp
 
-# The suite checks the package too, so `make test` builds it (once).
+# Lint first (fail fast), then the fast unit layer, then the whole suite,
+# which checks the package too, so `make test` builds it (once).
 test: setup $(DEB)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
-	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory lint test-unit
+	$(BIN)/python -m pytest --ignore=tests/unit $(PYTEST_ARGS)
+
+# The unit layer alone: the service and the API in-process on a fake kernel.
+# Needs no root and no binfmt_misc; seconds.
+test-unit: $(VENV)/.installed
+	$(BIN)/python -m pytest -q tests/unit
 
 # The daemon in a sandbox with its own binfmt_misc; socket and state in ./run.
 run: setup

@@ -1,4 +1,4 @@
-"""`python -m qusd` is qusctl until the daemon lands."""
+"""`python -m qusd` is qusctl, the command-line client."""
 
 import sys
 

@@ -57,20 +57,21 @@ def normalize_flags(flags: str) -> str:
 def _check_text(field: str, value: str, *, allow_slash: bool = True) -> bytes:
     """A rule field as bytes; refuses what would break or bend the rule."""
     if not value:
-        raise InvalidRuleError(field, "must not be empty")
+        raise InvalidRuleError("must not be empty", field=field)
     if DELIMITER in value:
-        raise InvalidRuleError(field, f"must not contain {DELIMITER!r}, the rule's delimiter")
+        raise InvalidRuleError(f"must not contain {DELIMITER!r}, the rule's delimiter", field=field)
     for ch in value:
         if ord(ch) < 0x20 or ord(ch) == 0x7F:
             raise InvalidRuleError(
-                field, f"must not contain control characters (found {ch!r}: newline, NUL, ...)"
+                f"must not contain control characters (found {ch!r}: newline, NUL, ...)",
+                field=field,
             )
     if not allow_slash and "/" in value:
-        raise InvalidRuleError(field, "must not contain '/'")
+        raise InvalidRuleError("must not contain '/'", field=field)
     try:
         return os.fsencode(value)
     except UnicodeEncodeError as e:
-        raise InvalidRuleError(field, f"cannot be encoded: {e.reason}") from None
+        raise InvalidRuleError(f"cannot be encoded: {e.reason}", field=field) from None
 
 
 def _hex_escape(data: bytes) -> bytes:
@@ -116,7 +117,9 @@ class Rule:
         if self.extension is not None:
             ext = check_extension(self.extension)
             if self.magic or self.mask is not None or self.offset:
-                raise InvalidRuleError("type", "an extension rule has no magic, mask or offset")
+                raise InvalidRuleError(
+                    "an extension rule has no magic, mask or offset", field="type"
+                )
             fields = [name, b"E", b"", ext, b"", interpreter, flags]
         else:
             check_magic(self.magic, self.mask, self.offset)
@@ -126,7 +129,7 @@ class Rule:
         line = DELIMITER.encode() + DELIMITER.encode().join(fields)
         if len(line) > MAX_RULE_LENGTH:
             raise InvalidRuleError(
-                "rule", f"is {len(line)} bytes; the kernel takes at most {MAX_RULE_LENGTH}"
+                f"is {len(line)} bytes; the kernel takes at most {MAX_RULE_LENGTH}", field="rule"
             )
         return line
 
@@ -137,16 +140,16 @@ class Rule:
 def check_name(value: str) -> bytes:
     name = _check_text("name", value, allow_slash=False)
     if value in RESERVED_NAMES:
-        raise InvalidRuleError("name", f"{value!r} is reserved by binfmt_misc")
+        raise InvalidRuleError(f"{value!r} is reserved by binfmt_misc", field="name")
     if len(name) > NAME_MAX:
-        raise InvalidRuleError("name", f"is {len(name)} bytes; at most {NAME_MAX}")
+        raise InvalidRuleError(f"is {len(name)} bytes; at most {NAME_MAX}", field="name")
     return name
 
 
 def check_interpreter(value: str) -> bytes:
     interpreter = _check_text("interpreter", value)
     if not value.startswith("/"):
-        raise InvalidRuleError("interpreter", "must be an absolute path")
+        raise InvalidRuleError("must be an absolute path", field="interpreter")
     return interpreter
 
 
@@ -154,7 +157,7 @@ def check_flags(value: str) -> bytes:
     bad = set(value) - set(FLAG_ORDER)
     if bad:
         raise InvalidRuleError(
-            "flags", f"unknown flag(s) {''.join(sorted(bad))!r}; use any of P, O, C, F"
+            f"unknown flag(s) {''.join(sorted(bad))!r}; use any of P, O, C, F", field="flags"
         )
     return value.encode()
 
@@ -163,25 +166,25 @@ def check_extension(value: str) -> bytes:
     ext = _check_text("extension", value, allow_slash=False)
     if "." in value:
         raise InvalidRuleError(
-            "extension", "must not contain '.': the kernel matches after the last dot"
+            "must not contain '.': the kernel matches after the last dot", field="extension"
         )
     return ext
 
 
 def check_magic(magic: bytes, mask: bytes | None, offset: int) -> None:
     if not magic:
-        raise InvalidRuleError("magic", "must not be empty")
+        raise InvalidRuleError("must not be empty", field="magic")
     if offset < 0:
-        raise InvalidRuleError("offset", "must not be negative")
+        raise InvalidRuleError("must not be negative", field="offset")
     if mask is not None and len(mask) != len(magic):
         raise InvalidRuleError(
-            "mask", f"is {len(mask)} bytes, magic is {len(magic)}: they must be equal"
+            f"is {len(mask)} bytes, magic is {len(magic)}: they must be equal", field="mask"
         )
     if offset + len(magic) > BINPRM_BUF_SIZE:
         raise InvalidRuleError(
-            "magic",
             f"offset {offset} + {len(magic)} bytes of magic exceed the "
             f"{BINPRM_BUF_SIZE} bytes the kernel reads",
+            field="magic",
         )
 
 
@@ -373,6 +376,12 @@ class BinfmtMisc:
                 f"not allowed to register in {self.path}: writing binfmt_misc needs "
                 "CAP_SYS_ADMIN in the user namespace that mounted it (run as root, "
                 "ask the qusd daemon, or use a sandbox)"
+            )
+        if "F" in rule.flags and e.errno == errno.ETXTBSY:
+            return KernelError(
+                f"the F flag opens {rule.interpreter} at registration and it is open for "
+                "writing (being installed or upgraded?): register again once that is done",
+                interpreter=rule.interpreter,
             )
         if e.errno == errno.EINVAL:
             return KernelError(f"the kernel refused the rule for {rule.name} as malformed")

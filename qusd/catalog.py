@@ -55,6 +55,20 @@ hexagon       hexagon       7f454c460101010000000000000000000200a400 fffffffffff
 loongarch64   loongarch     7f454c4602010100000000000000000002000201 fffffffffffffffc00fffffffffffffffeffffff
 """
 
+#: The prefix of every QEMU entry's name (qemu-aarch64), as QEMU's script
+#: and every peer spell it.
+ENTRY_PREFIX = "qemu-"
+
+
+def is_qemu_entry(name: str) -> bool:
+    return name.startswith(ENTRY_PREFIX)
+
+
+def target_part(entry_name: str) -> str | None:
+    """The target in a qemu-* entry's name, or None for another entry."""
+    return entry_name[len(ENTRY_PREFIX) :] if is_qemu_entry(entry_name) else None
+
+
 #: Where systemd-binfmt reads rules, most important first (binfmt.d(5)).
 BINFMT_D_DIRS: tuple[str, ...] = (
     "/etc/binfmt.d",
@@ -86,7 +100,7 @@ class Target:
     @property
     def entry_name(self) -> str:
         """The binfmt_misc entry QEMU's script and every peer use."""
-        return f"qemu-{self.name}"
+        return ENTRY_PREFIX + self.name
 
     def rule(self, interpreter: str, flags: str = "F") -> Rule:
         """The binfmt_misc rule that hands this target's programs to interpreter."""
@@ -201,9 +215,14 @@ class Catalog:
     targets: tuple[Target, ...]
     source: str = "builtin"
     _by_name: dict[str, Target] = field(init=False, repr=False, compare=False)
+    _by_pattern: dict[tuple[int, bytes, bytes], Target] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_name", {t.name: t for t in self.targets})
+        patterns = {(t.offset, t.magic, t.mask): t for t in reversed(self.targets)}
+        object.__setattr__(self, "_by_pattern", patterns)
 
     def __iter__(self) -> Iterator[Target]:
         return iter(self.targets)
@@ -216,7 +235,7 @@ class Catalog:
 
     def get(self, name: str) -> Target:
         """The target for a name or alias; UnknownTargetError lists the valid ones."""
-        target = self._by_name.get(canonical_name(name))
+        target = self.find(name)
         if target is None:
             raise UnknownTargetError(
                 f"unknown target {name!r}; known targets: {', '.join(self.names())}",
@@ -224,6 +243,16 @@ class Catalog:
                 valid=self.names(),
             )
         return target
+
+    def find(self, name: str) -> Target | None:
+        """The target for a name or alias, or None."""
+        return self._by_name.get(canonical_name(name))
+
+    def with_pattern(self, offset: int, magic: bytes, mask: bytes | None) -> Target | None:
+        """The target registered with exactly this offset, magic and mask."""
+        if mask is None:
+            return None
+        return self._by_pattern.get((offset, magic, mask))
 
     def resolve(self, names: Iterable[str]) -> list[Target]:
         """Targets for names, in the order given, without duplicates."""
@@ -319,9 +348,9 @@ def from_binfmt_d(dirs: Sequence[str | os.PathLike[str]] = BINFMT_D_DIRS) -> Cat
             if rule is None:
                 continue
             name, kind, offset, magic, mask, interpreter, flags = rule
-            if kind != "M" or not name.startswith("qemu-"):
+            tname = target_part(name)
+            if kind != "M" or tname is None:
                 continue
-            tname = name[len("qemu-") :]
             known = _BUILTIN._by_name.get(tname)
             targets.append(
                 Target(

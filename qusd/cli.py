@@ -18,17 +18,7 @@ from qusd import __version__, catalog, interpreters, sandbox
 from qusd.binfmt import DEFAULT_PATH, BinfmtMisc
 from qusd.client import DEFAULT_SOCKET, Client, default_socket
 from qusd.errors import QusdError
-
-
-def table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> str:
-    """An aligned text table, last column unpadded."""
-    cells = [list(headers), *[list(r) for r in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = []
-    for r in cells:
-        padded = [c.ljust(w) for c, w in zip(r[:-1], widths, strict=False)] + [r[-1]]
-        lines.append("  ".join(padded).rstrip())
-    return "\n".join(lines)
+from qusd.text import table
 
 
 def cmd_identify(ns: argparse.Namespace) -> int:

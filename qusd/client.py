@@ -9,7 +9,7 @@ import os
 import socket
 from typing import Any
 
-from qusd.errors import DaemonUnavailableError, QusdError, SocketPermissionError, error_class
+from qusd.errors import DaemonUnavailableError, QusdError, SocketPermissionError
 
 DEFAULT_SOCKET = "/run/qusd/qusd.sock"
 
@@ -77,13 +77,7 @@ class Client:
         except ValueError:
             raise QusdError(f"qusd answered {resp.status} with a body that is not JSON") from None
         if resp.status >= 400:
-            detail = (
-                doc.get("detail", raw.decode(errors="replace")) if isinstance(doc, dict) else doc
-            )
-            cls = error_class(doc.get("code", "") if isinstance(doc, dict) else "")
-            err = cls.__new__(cls)
-            QusdError.__init__(err, str(detail), status=resp.status, problem=doc)
-            raise err
+            raise QusdError.from_problem(doc, resp.status)
         return doc
 
     def get(self, path: str) -> Any:

@@ -21,7 +21,6 @@ from qusd import __version__, catalog, config, sandbox, systemd_glue
 from qusd.binfmt import BinfmtMisc
 from qusd.config import Config
 from qusd.errors import QusdError, SocketInUseError
-from qusd.policy import PolicyConfig
 from qusd.service import Service
 from qusd.state import State
 
@@ -77,12 +76,11 @@ def parser() -> argparse.ArgumentParser:
 
 def build_service(cfg: Config, sandbox_pid: int | None = None) -> Service:
     return Service(
-        kernel=BinfmtMisc(cfg.binfmt_path),
-        state=State.load(cfg.state_dir),
-        catalog=catalog.load(cfg.catalog),
-        interpreter_dirs=cfg.interpreter_dirs,
+        BinfmtMisc(cfg.binfmt_path),
+        State.load(cfg.state_dir),
+        catalog.load(cfg.catalog),
+        cfg,
         sandbox_pid=sandbox_pid,
-        policy=PolicyConfig(cfg.admin_group, cfg.user_group, cfg.user_flags),
     )
 
 

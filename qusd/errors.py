@@ -1,8 +1,11 @@
 """Every failure qusd reports is a QusdError with a stable code.
 
 The code is the contract: the API maps it to an HTTP status and a problem
-type, the CLI to an exit status. Messages name the cause and, where there is
-one, the fix. This module imports nothing, so every layer can use it.
+type, the CLIs to an exit status, clients map a problem back to its class
+(QusdError.from_problem). Every class takes the same arguments: the reason
+(why, in words that name the fix), optionally the request field it is about,
+and details that travel in the problem document. This module imports
+nothing, so every layer can use it.
 """
 
 from __future__ import annotations
@@ -11,16 +14,57 @@ from typing import Any, ClassVar
 
 
 class QusdError(Exception):
-    """Base of every error qusd raises on purpose."""
+    """Base of every error qusd raises on purpose (code "error": unclassified)."""
 
     code: ClassVar[str] = "error"
     http_status: ClassVar[int] = 500
     exit_status: ClassVar[int] = 1
+    title: ClassVar[str] = "Error"
 
-    def __init__(self, message: str, **details: Any) -> None:
-        super().__init__(message)
-        self.message = message
+    def __init__(self, reason: str, *, field: str | None = None, **details: Any) -> None:
+        self.reason = reason
+        self.field = field
         self.details = details
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        """What a person reads: the reason, after the field it is about."""
+        return f"{self.field}: {self.reason}" if self.field else self.reason
+
+    def problem(self) -> dict[str, Any]:
+        """RFC 9457 problem details (the API's error body)."""
+        doc: dict[str, Any] = {
+            "type": f"urn:qusd:problem:{self.code}",
+            "title": self.title,
+            "status": self.http_status,
+            "detail": self.message,
+            "code": self.code,
+            "reason": self.reason,
+        }
+        if self.field is not None:
+            doc["field"] = self.field
+        return doc
+
+    @classmethod
+    def from_problem(cls, doc: Any, status: int | None = None) -> QusdError:
+        """The error a problem document stands for, as its own class (a
+        client's view of the daemon's error)."""
+        if not isinstance(doc, dict):
+            return QusdError(f"qusd answered {status} with {doc!r}", status=status)
+        kind = error_class(str(doc.get("code", "")))
+        reason = doc.get("reason") or doc.get("detail") or f"qusd answered {status}"
+        field = doc.get("field") if isinstance(doc.get("field"), str) else None
+        err = kind(str(reason), field=field, status=status, problem=doc)
+        return err
+
+
+def error_class(code: str) -> type[QusdError]:
+    """The error class for a stable code (a problem's `code`), or QusdError."""
+    return _BY_CODE.get(code, QusdError)
+
+
+# -- requests: refused before anything is touched ---------------------------------
 
 
 class InvalidRuleError(QusdError):
@@ -29,28 +73,112 @@ class InvalidRuleError(QusdError):
     code = "invalid-rule"
     http_status = 422
     exit_status = 65  # EX_DATAERR
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}", field=field)
-        self.field = field
+    title = "Invalid rule"
 
 
 class UnknownTargetError(QusdError):
+    """A target name (or alias) the catalog does not know."""
+
     code = "unknown-target"
     http_status = 422
     exit_status = 65
+    title = "Unknown target"
 
 
-class EntryExistsError(QusdError):
-    code = "entry-exists"
-    http_status = 409
-    exit_status = 73  # EX_CANTCREAT
+class RequestValidationError(QusdError):
+    """A request failed validation (the API's 422 lists the failing fields)."""
+
+    code = "validation"
+    http_status = 422
+    exit_status = 65
+    title = "Invalid request"
+
+
+class MalformedRequestError(QusdError):
+    """A request the HTTP layer cannot read: bad JSON, bad encoding, bad framing."""
+
+    code = "malformed-json"
+    http_status = 400
+    exit_status = 65
+    title = "Malformed request"
+
+
+class UnsupportedMediaTypeError(QusdError):
+    """A body that is not application/json."""
+
+    code = "unsupported-media-type"
+    http_status = 415
+    exit_status = 65
+    title = "Unsupported media type"
+
+
+class TooLargeError(QusdError):
+    """A body over the daemon's limit."""
+
+    code = "too-large"
+    http_status = 413
+    exit_status = 65
+    title = "Request too large"
+
+
+class MethodNotAllowedError(QusdError):
+    """The path exists, the method does not (Allow names those that do): a
+    client newer than the daemon."""
+
+    code = "method-not-allowed"
+    http_status = 405
+    exit_status = 69  # EX_UNAVAILABLE
+    title = "Method not allowed"
+
+
+class RequestTimeoutError(QusdError):
+    """The client did not send its request in time."""
+
+    code = "timeout"
+    http_status = 408
+    exit_status = 75  # EX_TEMPFAIL
+    title = "Request timeout"
+
+
+class RateLimitedError(QusdError):
+    """Too many requests from one uid; retry after details["retry_after"] s."""
+
+    code = "rate-limited"
+    http_status = 429
+    exit_status = 75  # EX_TEMPFAIL
+    title = "Too many requests"
+
+    @property
+    def retry_after(self) -> int:
+        return int(self.details.get("retry_after", 1))
+
+
+# -- the table: what is there and what may be done with it -------------------------
 
 
 class NoSuchEntryError(QusdError):
+    """No binfmt_misc entry (or no file, or no API route) of that name."""
+
     code = "not-found"
     http_status = 404
     exit_status = 66  # EX_NOINPUT
+    title = "Not found"
+
+
+class EntryExistsError(QusdError):
+    """The name is taken."""
+
+    code = "entry-exists"
+    http_status = 409
+    exit_status = 73  # EX_CANTCREAT
+    title = "Entry exists"
+
+
+class ConflictError(EntryExistsError):
+    """The name is taken by another definition; replacing it must be asked for."""
+
+    code = "conflict"
+    title = "Conflict"
 
 
 class InterpreterError(QusdError):
@@ -59,101 +187,10 @@ class InterpreterError(QusdError):
     code = "interpreter"
     http_status = 422
     exit_status = 72  # EX_OSFILE
+    title = "Interpreter"
 
 
-class NotMountedError(QusdError):
-    code = "not-mounted"
-    http_status = 503
-    exit_status = 69  # EX_UNAVAILABLE
-
-
-class KernelPermissionError(QusdError):
-    code = "permission-denied"
-    http_status = 403
-    exit_status = 77  # EX_NOPERM
-
-
-class KernelError(QusdError):
-    """binfmt_misc refused a write for a reason we could not classify."""
-
-    code = "kernel-error"
-    http_status = 500
-    exit_status = 71  # EX_OSERR
-
-
-class SandboxError(QusdError):
-    """A sandbox (user + mount namespace) could not be made or entered."""
-
-    code = "sandbox"
-    http_status = 500
-    exit_status = 71
-
-
-class MalformedRequestError(QusdError):
-    code = "malformed-json"
-    http_status = 400
-    exit_status = 65
-
-
-class UnsupportedMediaTypeError(QusdError):
-    code = "unsupported-media-type"
-    http_status = 415
-    exit_status = 65
-
-
-class DaemonUnavailableError(QusdError):
-    """The client could not reach the daemon."""
-
-    code = "unavailable"
-    http_status = 503
-    exit_status = 69  # EX_UNAVAILABLE
-
-
-def error_class(code: str) -> type[QusdError]:
-    """The error class for a stable code (a problem's `code`), or QusdError."""
-    todo: list[type[QusdError]] = [QusdError]
-    while todo:
-        cls = todo.pop()
-        if cls.code == code:
-            return cls
-        todo.extend(cls.__subclasses__())
-    return QusdError
-
-
-class RequestValidationError(QusdError):
-    """A request failed validation (the API's 422 with the failing fields)."""
-
-    code = "validation"
-    http_status = 422
-    exit_status = 65
-
-
-class ConflictError(EntryExistsError):
-    """Same name, another definition."""
-
-    code = "conflict"
-
-
-class StateError(QusdError):
-    """The state file could not be written; the change was rolled back."""
-
-    code = "state"
-    http_status = 500
-    exit_status = 74  # EX_IOERR
-
-
-class ConfigError(QusdError):
-    code = "config"
-    http_status = 500
-    exit_status = 78  # EX_CONFIG
-
-
-class SocketInUseError(QusdError):
-    """Another daemon serves on the socket or uses the state directory."""
-
-    code = "socket-in-use"
-    http_status = 500
-    exit_status = 75  # EX_TEMPFAIL
+# -- who may do what --------------------------------------------------------------
 
 
 class ForbiddenError(QusdError):
@@ -162,6 +199,7 @@ class ForbiddenError(QusdError):
     code = "forbidden"
     http_status = 403
     exit_status = 77  # EX_NOPERM
+    title = "Forbidden"
 
 
 class UntrustedInterpreterError(QusdError):
@@ -170,6 +208,7 @@ class UntrustedInterpreterError(QusdError):
     code = "untrusted-interpreter"
     http_status = 403
     exit_status = 77
+    title = "Untrusted interpreter"
 
 
 class HostTypeError(QusdError):
@@ -178,24 +217,97 @@ class HostTypeError(QusdError):
     code = "host-type"
     http_status = 403
     exit_status = 77
+    title = "Host type"
 
 
-class RateLimitedError(QusdError):
-    """Too many mutations from one uid; retry after retry_after seconds."""
+# -- the kernel and the machine ----------------------------------------------------
 
-    code = "rate-limited"
-    http_status = 429
+
+class NotMountedError(QusdError):
+    """binfmt_misc is not mounted, or not in the kernel."""
+
+    code = "not-mounted"
+    http_status = 503
+    exit_status = 69  # EX_UNAVAILABLE
+    title = "Not mounted"
+
+
+class KernelPermissionError(QusdError):
+    """The kernel refused: no CAP_SYS_ADMIN over this binfmt_misc instance."""
+
+    code = "permission-denied"
+    http_status = 403
+    exit_status = 77  # EX_NOPERM
+    title = "Permission denied"
+
+
+class KernelError(QusdError):
+    """binfmt_misc refused a write for a reason we could not classify."""
+
+    code = "kernel-error"
+    http_status = 500
+    exit_status = 71  # EX_OSERR
+    title = "Kernel error"
+
+
+class SandboxError(QusdError):
+    """A sandbox (user + mount namespace) could not be made or entered."""
+
+    code = "sandbox"
+    http_status = 500
+    exit_status = 71
+    title = "Sandbox"
+
+
+class InternalError(QusdError):
+    """A bug in qusd: the daemon's log has the traceback."""
+
+    code = "internal"
+    http_status = 500
+    exit_status = 70  # EX_SOFTWARE
+    title = "Internal error"
+
+
+# -- the daemon's own files and socket ---------------------------------------------
+
+
+class StateError(QusdError):
+    """The state file could not be written; the change was rolled back."""
+
+    code = "state"
+    http_status = 500
+    exit_status = 74  # EX_IOERR
+    title = "State"
+
+
+class ConfigError(QusdError):
+    """A setting is wrong; the message names it."""
+
+    code = "config"
+    http_status = 500
+    exit_status = 78  # EX_CONFIG
+    title = "Configuration"
+
+
+class SocketInUseError(QusdError):
+    """Another daemon serves on the socket or uses the state directory."""
+
+    code = "socket-in-use"
+    http_status = 500
     exit_status = 75  # EX_TEMPFAIL
-
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message, retry_after=retry_after)
-        self.retry_after = retry_after
+    title = "Socket in use"
 
 
-class RequestTimeoutError(QusdError):
-    code = "timeout"
-    http_status = 408
-    exit_status = 75
+# -- clients ----------------------------------------------------------------------
+
+
+class DaemonUnavailableError(QusdError):
+    """The client could not reach the daemon."""
+
+    code = "unavailable"
+    http_status = 503
+    exit_status = 69  # EX_UNAVAILABLE
+    title = "Unavailable"
 
 
 class SocketPermissionError(QusdError):
@@ -204,3 +316,13 @@ class SocketPermissionError(QusdError):
     code = "socket-permission"
     http_status = 403
     exit_status = 77  # EX_NOPERM
+    title = "Socket permission"
+
+
+def _all(cls: type[QusdError]) -> list[type[QusdError]]:
+    return [cls, *(k for sub in cls.__subclasses__() for k in _all(sub))]
+
+
+_BY_CODE: dict[str, type[QusdError]] = {k.code: k for k in _all(QusdError)}
+#: every code, with its HTTP and exit status: the table the README documents
+CODES: dict[str, tuple[int, int]] = {c: (k.http_status, k.exit_status) for c, k in _BY_CODE.items()}

@@ -1,8 +1,16 @@
-"""The kinds of event qusd logs, each with a stable journal MESSAGE_ID, so
-`journalctl MESSAGE_ID=...` finds every registration, refusal or conflict."""
+"""What happens to the table, published once: logged (with a stable journal
+MESSAGE_ID per kind, so `journalctl MESSAGE_ID=...` finds every
+registration, refusal or conflict) and handed to subscribers (an event
+stream, metrics). Standard library only: the boot-restore path emits too.
+"""
 
 from __future__ import annotations
 
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 MESSAGE_IDS = {
@@ -11,9 +19,63 @@ MESSAGE_IDS = {
     "unregistered": "6f1c5d5e0b8a4f0e9d2f3b7a1c4e8d03",
     "refused": "6f1c5d5e0b8a4f0e9d2f3b7a1c4e8d04",
     "conflict": "6f1c5d5e0b8a4f0e9d2f3b7a1c4e8d05",
+    "enabled": "6f1c5d5e0b8a4f0e9d2f3b7a1c4e8d06",
+    "disabled": "6f1c5d5e0b8a4f0e9d2f3b7a1c4e8d07",
 }
 
+#: the actor of a change qusd made on its own (a restore, a repair)
+QUSD = "qusd"
 
-def event(kind: str) -> dict[str, Any]:
+
+@dataclass(frozen=True)
+class Event:
+    """One change, as subscribers receive it."""
+
+    kind: str
+    message: str
+    names: tuple[str, ...] = ()
+    #: the uid that asked, or QUSD for qusd's own repairs
+    actor: int | str = QUSD
+    seq: int = 0
+    time: float = field(default_factory=time.time)
+
+
+Subscriber = Callable[[Event], None]
+
+
+def journal_fields(kind: str) -> dict[str, Any]:
     """logging `extra` for an event: the MESSAGE_ID and QUSD_EVENT fields."""
     return {"MESSAGE_ID": MESSAGE_IDS[kind], "QUSD_EVENT": kind}
+
+
+class Events:
+    """The one place a change is told: emit() logs it and hands it to every
+    subscriber, numbered so a subscriber that missed some can tell."""
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self.log = logger or logging.getLogger("qusd")
+        self._subscribers: list[Subscriber] = []
+        self._seq = itertools.count(1)
+
+    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+        """Call subscriber with every event from now on; returns the unsubscribe."""
+        self._subscribers.append(subscriber)
+        return lambda: self._subscribers.remove(subscriber)
+
+    def emit(
+        self,
+        kind: str,
+        message: str,
+        *,
+        names: Sequence[str] = (),
+        actor: int | str = QUSD,
+        level: int = logging.INFO,
+    ) -> Event:
+        ev = Event(kind, message, tuple(names), actor, next(self._seq))
+        self.log.log(level, "%s", message, extra=journal_fields(kind))
+        for subscriber in list(self._subscribers):
+            try:
+                subscriber(ev)
+            except Exception:  # a broken subscriber must not undo a change
+                self.log.exception("event subscriber %r failed", subscriber)
+        return ev

@@ -12,13 +12,11 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from qusd.binfmt import BINPRM_BUF_SIZE
 from qusd.catalog import Catalog, Target
 from qusd.errors import InterpreterError
 
 DEFAULT_DIRS: tuple[str, ...] = ("/usr/bin", "/usr/local/bin", "/usr/libexec/qemu-binfmt")
-
-#: The kernel reads this many bytes of a file to match binfmt_misc rules.
-BINPRM_BUF_SIZE = 256
 
 _PT_INTERP = 3
 
@@ -81,7 +79,7 @@ def _unpack(fmt: str, data: bytes, offset: int) -> int:
 
 def candidates(target: Target) -> tuple[str, str]:
     """Interpreter file names for a target, preferred first."""
-    return (f"qemu-{target.cpu}-static", f"qemu-{target.cpu}")
+    return (f"qemu-{target.cpu}-static", f"qemu-{target.cpu}")  # QEMU's binaries' names
 
 
 def foreign_with_interpreters(

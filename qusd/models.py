@@ -54,7 +54,7 @@ def _field(check: Any) -> Any:
         try:
             check(value)
         except InvalidRuleError as e:
-            raise _invalid(e.message.split(": ", 1)[1]) from None
+            raise _invalid(e.reason) from None
         return value
 
     return AfterValidator(validate)
@@ -101,7 +101,7 @@ class EntrySpec(Request):
             try:
                 binfmt.check_magic(bytes.fromhex(value), None, info.data.get("offset", 0))
             except InvalidRuleError as e:
-                raise _invalid(e.message.split(": ", 1)[1]) from None
+                raise _invalid(e.reason) from None
         return value
 
     @field_validator("mask")
@@ -318,6 +318,8 @@ class Problem(BaseModel):
     type: str
     title: str
     status: int
-    detail: str
-    code: str
+    detail: str = Field(description="what went wrong and the fix, for people")
+    code: str = Field(description="stable: what clients branch on")
+    reason: str | None = Field(None, description="detail without the field it is about")
+    field: str | None = Field(None, description="the request field at fault, if one is")
     errors: list[FieldError] | None = None

@@ -24,10 +24,16 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from qusd import catalog, interpreters
+from qusd import __version__, catalog, interpreters, table
 from qusd.binfmt import DEFAULT_PATH, BinfmtMisc, Entry
-from qusd.cli import table
-from qusd.errors import ConflictError, QusdError
+from qusd.catalog import is_qemu_entry
+from qusd.errors import InterpreterError, QusdError
+from qusd.table import Action, Want
+from qusd.text import table as text_table
+
+INTERPRETER_FIX = (
+    "use an image with interpreters, or mount a host directory and pass --interpreter-dir"
+)
 
 
 def split_targets(values: Sequence[str]) -> list[str]:
@@ -37,9 +43,11 @@ def split_targets(values: Sequence[str]) -> list[str]:
 
 
 def _kernel(path: str) -> BinfmtMisc:
+    """binfmt_misc at path, mounted if it is not (a fresh privileged
+    container has none), and never unmounted: that would drop the entries."""
     kernel = BinfmtMisc(path)
     if not kernel.is_mounted():
-        kernel.mount()  # and never unmount: that would drop the entries again
+        kernel.mount()
     return kernel
 
 
@@ -48,57 +56,51 @@ def _row(e: Entry, result: str) -> dict[str, Any]:
             "enabled": e.enabled, "result": result}  # fmt: skip
 
 
+_RESULTS = {Action.ADD: "registered", Action.REPLACE: "replaced", Action.UNCHANGED: "unchanged"}
+
+
 def register(ns: argparse.Namespace) -> list[dict[str, Any]]:
+    """Register the targets, all or none, through the table transaction the
+    daemon uses."""
     cat = catalog.load(ns.catalog)
     family = catalog.family_of(catalog.host_machine())
     names = split_targets(ns.targets)
     dirs = ns.interpreter_dir or interpreters.DEFAULT_DIRS
     if not names or names == ["all"]:
         targets = interpreters.foreign_with_interpreters(cat, family, dirs)
+        if not targets:
+            raise InterpreterError(
+                f"no QEMU interpreter (qemu-<cpu>-static or qemu-<cpu>) in {', '.join(dirs)}: "
+                f"nothing to register; {INTERPRETER_FIX}"
+            )
     else:
         targets = cat.resolve(names)
-    fix = "use an image with interpreters, or mount a host directory and pass --interpreter-dir"
-    rules = [t.rule(interpreters.require(t, dirs, fix).path, ns.flags) for t in targets]
+    rules = [t.rule(interpreters.require(t, dirs, INTERPRETER_FIX).path, ns.flags) for t in targets]
     kernel = _kernel(ns.binfmt_path)
-    done: list[dict[str, Any]] = []
-    added: list[str] = []
-    try:
-        for rule in rules:
-            rule.encode()
-            existing = kernel.get(rule.name)
-            if existing is not None and existing.rule() == rule.normalized():
-                done.append(_row(existing, "unchanged"))
-                continue
-            if existing is not None:
-                if not ns.replace:
-                    raise ConflictError(
-                        f"{rule.name} is already registered ({existing.describe()}); "
-                        "pass --replace to overwrite it"
-                    )
-                kernel.remove(rule.name)
-            added.append(rule.name)
-            done.append(_row(kernel.register(rule), "registered"))
-    except QusdError:
-        for name in added:  # all or nothing
-            kernel.remove(name)
-        raise
-    return done
+    plan = table.plan(kernel, [Want(r, replace=ns.replace) for r in rules])
+    plan.refuse_conflicts("pass --replace to overwrite it")
+    done = table.apply(kernel, plan.of(Action.ADD, Action.REPLACE))
+    rows = []
+    for change in plan:
+        entry = done.get(change.name, change.before)
+        assert entry is not None
+        rows.append(_row(entry, _RESULTS[change.action]))
+    return rows
 
 
 def list_entries(ns: argparse.Namespace) -> list[dict[str, Any]]:
-    kernel = BinfmtMisc(ns.binfmt_path)
+    kernel = _kernel(ns.binfmt_path)
     return [_row(e, "enabled" if e.enabled else "disabled") for e in kernel.entries()]
 
 
 def reset(ns: argparse.Namespace) -> list[dict[str, Any]]:
-    kernel = BinfmtMisc(ns.binfmt_path)
-    if ns.scope == "all":
-        gone = kernel.entries()
-        kernel.remove_all()
-    else:
-        gone = [e for e in kernel.entries() if e.name.startswith("qemu-")]
+    """Remove every qemu-* entry (or every entry), all or none."""
+    kernel = _kernel(ns.binfmt_path)
+    entries = kernel.entries()
+    gone = entries if ns.scope == "all" else [e for e in entries if is_qemu_entry(e.name)]
+    with table.Transaction(kernel) as tx:
         for e in gone:
-            kernel.remove(e.name)
+            tx.remove(e)
     return [_row(e, "removed") for e in gone]
 
 
@@ -108,10 +110,20 @@ def parser() -> argparse.ArgumentParser:
         description="Register QEMU user-mode emulation in binfmt_misc without the qusd "
         "daemon (for containers and CI). Exits non-zero on any failure.",
     )
+    p.add_argument("--version", action="version", version=f"qusd-binfmt {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON")  # fmt: skip
+    common.add_argument("--binfmt-path", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--binfmt-path", default=DEFAULT_PATH, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    s = sub.add_parser("register", help="register targets (default: every foreign one)")
+    s = sub.add_parser(
+        "register", parents=[common], help="register targets (default: every foreign one)",
+        description="Register QEMU targets in binfmt_misc, all or none: an identical entry "
+        "is left unchanged, another definition of the same name is an error unless "
+        "--replace. Mounts binfmt_misc when it is not.",
+    )  # fmt: skip
     s.add_argument(
         "targets", nargs="*", metavar="TARGET",
         help="targets or aliases (aarch64, arm64, linux/arm/v7); several per argument may be "
@@ -127,12 +139,16 @@ def parser() -> argparse.ArgumentParser:
         help="where qemu-<cpu>[-static] are (repeatable; default: $QUSD_INTERPRETER_DIRS or "
         "/usr/bin, /usr/local/bin, /usr/libexec/qemu-binfmt)",
     )  # fmt: skip
-    s.set_defaults(func=register)
-    s = sub.add_parser("list", help="list every entry")
-    s.set_defaults(func=list_entries)
-    s = sub.add_parser("reset", help="remove qemu-* entries (or all)")
+    s.set_defaults(func=register, empty="nothing to register")
+    s = sub.add_parser("list", parents=[common], help="list every entry",
+                       description="List every binfmt_misc entry, qemu or not.")  # fmt: skip
+    s.set_defaults(func=list_entries, empty="no entries")
+    s = sub.add_parser(
+        "reset", parents=[common], help="remove qemu-* entries (or all)",
+        description="Remove every qemu-* entry (--scope all: every entry), all or none.",
+    )  # fmt: skip
     s.add_argument("--scope", choices=["qemu", "all"], default="qemu")
-    s.set_defaults(func=reset)
+    s.set_defaults(func=reset, empty="nothing to remove")
     return p
 
 
@@ -147,9 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(rows, indent=2))
     elif rows:
         cells = [[r["name"], r["flags"] or "-", r["result"], r["interpreter"]] for r in rows]
-        print(table(cells, ["NAME", "FLAGS", "RESULT", "INTERPRETER"]))
+        print(text_table(cells, ["NAME", "FLAGS", "RESULT", "INTERPRETER"]))
     else:
-        print("no entries")
+        print(ns.empty)
     return 0
 
 

@@ -13,6 +13,7 @@ everyone else may read.
 from __future__ import annotations
 
 import enum
+import errno
 import grp
 import os
 import socket
@@ -22,11 +23,13 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from qusd.binfmt import Rule
+from qusd.binfmt import BINPRM_BUF_SIZE, Rule
 from qusd.catalog import Catalog, Target
+from qusd.config import Config
 from qusd.errors import ForbiddenError, HostTypeError, InterpreterError, UntrustedInterpreterError
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
+NGROUPS_MAX = 65536
 NEVER_FOR_USERS = frozenset("CO")
 
 
@@ -50,13 +53,7 @@ class Caller:
         pid, uid, gid = struct.unpack(
             "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
         )
-        groups: frozenset[int] = frozenset()
-        try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 256)
-            groups = frozenset(struct.unpack(f"{len(raw) // 4}I", raw))
-        except OSError:
-            pass  # no SO_PEERGROUPS: primary group only
-        return cls(uid=uid, gid=gid, pid=pid, groups=groups | {gid})
+        return cls(uid=uid, gid=gid, pid=pid, groups=_peer_groups(sock) | {gid})
 
     @classmethod
     def myself(cls) -> Caller:
@@ -76,28 +73,52 @@ class Caller:
             return None
 
 
-@dataclass(frozen=True)
-class PolicyConfig:
-    admin_group: str = "qusd-admin"
-    user_group: str = "qusd"
-    #: flags users may ask for; C and O are never allowed to them
-    user_flags: str = "FP"
+def group_id(name: str) -> int | None:
+    """The gid of a group name, or None when there is no such group."""
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
+
+
+def _peer_groups(sock: socket.socket) -> frozenset[int]:
+    """The peer's supplementary groups. The kernel answers ERANGE when the
+    buffer is too small (more groups than it holds), so it grows up to
+    NGROUPS_MAX; without SO_PEERGROUPS, the primary group alone counts."""
+    size = 4 * 256
+    while True:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as e:
+            if e.errno == errno.ERANGE and size < 4 * NGROUPS_MAX:
+                size *= 4
+                continue
+            return frozenset()
+        return frozenset(struct.unpack(f"{len(raw) // 4}I", raw))
 
 
 @dataclass
 class Policy:
-    config: PolicyConfig
+    """The rules, read from the settings by name (admin_group, user_group,
+    user_flags)."""
+
+    config: Config
     host_family: str
     catalog: Catalog
     #: headers of the host's own programs, which no rule may capture
     native_headers: list[bytes] = field(default_factory=list)
+    #: group name to gid (the unit tests give their own)
+    gid_of: Callable[[str], int | None] = group_id
+    #: raises unless an interpreter is safe to register (the unit tests,
+    #: whose files are not root's, give their own)
+    check_interpreter: Callable[[str], None] = field(default_factory=lambda: check_trusted)
 
     # -- roles ----------------------------------------------------------------
 
     def role(self, caller: Caller) -> Role:
-        if caller.uid == 0 or _gid(self.config.admin_group) in caller.groups:
+        if caller.uid == 0 or self.gid_of(self.config.admin_group) in caller.groups:
             return Role.ADMIN
-        if _gid(self.config.user_group) in caller.groups:
+        if self.gid_of(self.config.user_group) in caller.groups:
             return Role.USER
         return Role.READER
 
@@ -169,7 +190,7 @@ class Policy:
         if not force:
             self.check_host_types(rule)
         if not allow_untrusted:
-            check_trusted(rule.interpreter)
+            self.check_interpreter(rule.interpreter)
 
     def check_host_types(self, rule: Rule) -> None:
         for header in self.native_headers:
@@ -192,24 +213,17 @@ def native_headers(catalog: Catalog, host_family: str, samples: Iterable[str] = 
             h = bytearray(
                 t.offset * b"\0" + bytes(g & m for g, m in zip(t.magic, t.mask, strict=True))
             )
-            h = h.ljust(256, b"\0")
+            h = h.ljust(BINPRM_BUF_SIZE, b"\0")
             little = t.magic[5] == 1 if len(t.magic) > 5 else True
             h[16:18] = e_type.to_bytes(2, "little" if little else "big")
             headers.append(bytes(h))
     for path in samples:
         try:
             with open(path, "rb") as f:
-                headers.append(f.read(256))
+                headers.append(f.read(BINPRM_BUF_SIZE))
         except OSError:
             continue
     return headers
-
-
-def _gid(name: str) -> int | None:
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        return None
 
 
 # -- trusted interpreters ---------------------------------------------------------

@@ -1,34 +1,28 @@
-"""The service: every operation on the table, serialized, all or nothing.
+"""The service: every operation on the table, with qusd's policy.
 
-Each mutation changes the kernel first and the state second; when the state
-cannot be written the kernel change is undone, so the two never disagree
-about what qusd manages. Nothing here knows about HTTP or pydantic: the
-boot-restore path runs this module too.
+Synchronous: whoever serves it (qusd.server) serializes the calls. Every
+change goes through one table transaction (qusd.table): the kernel first,
+the state last, and the kernel undone when the state cannot be written, so
+the two never disagree about what qusd manages. Nothing here knows about
+HTTP, pydantic or asyncio: the boot-restore path runs this module too.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
-from qusd import __version__, interpreters
+from qusd import __version__, interpreters, table
 from qusd.binfmt import BinfmtMisc, Entry, Rule
-from qusd.catalog import Catalog, Target, family_of, host_machine
-from qusd.errors import (
-    ConflictError,
-    NoSuchEntryError,
-    NotMountedError,
-    QusdError,
-)
-from qusd.events import event
-from qusd.policy import Caller, Policy, PolicyConfig, Role, native_headers
+from qusd.catalog import Catalog, Target, family_of, host_machine, is_qemu_entry, target_part
+from qusd.config import Config
+from qusd.errors import NoSuchEntryError, NotMountedError, QusdError
+from qusd.events import Events
+from qusd.policy import Caller, Policy, Role, native_headers
 from qusd.state import Record, State
-
-if TYPE_CHECKING:
-    import asyncio
+from qusd.table import Action, Transaction, Want
 
 log = logging.getLogger("qusd.service")
 
@@ -84,61 +78,35 @@ class TargetInfo:
     interpreter: interpreters.Interpreter | None
 
 
-class _Undo:
-    """Kernel changes made so far in one operation, undone in reverse."""
-
-    def __init__(self) -> None:
-        self._steps: list[tuple[str, Callable[[], object]]] = []
-
-    def push(self, what: str, step: Callable[[], object]) -> None:
-        self._steps.append((what, step))
-
-    def run(self) -> None:
-        for what, step in reversed(self._steps):
-            try:
-                step()
-            except QusdError as e:
-                log.error("rollback: could not %s: %s", what, e.message)
-        self._steps.clear()
-
-
 class Service:
     def __init__(
         self,
         kernel: BinfmtMisc,
         state: State,
         catalog: Catalog,
+        config: Config | None = None,
         *,
-        interpreter_dirs: Sequence[str] = interpreters.DEFAULT_DIRS,
         sandbox_pid: int | None = None,
-        policy: PolicyConfig | None = None,
+        events: Events | None = None,
+        policy: Policy | None = None,
     ) -> None:
         self.kernel = kernel
         self.state = state
         self.catalog = catalog
-        self.interpreter_dirs = tuple(interpreter_dirs)
+        self.config = config or Config()
+        self.interpreter_dirs = self.config.interpreter_dirs
         self.sandbox_pid = sandbox_pid
+        self.events = events or Events(log)
         self.machine = host_machine()
         self.family = family_of(self.machine)
-        self.policy = Policy(
-            policy or PolicyConfig(),
+        self.policy = policy or Policy(
+            self.config,
             self.family,
             catalog,
             native_headers(catalog, self.family, ["/proc/self/exe", "/bin/sh"]),
         )
-        self._lock: asyncio.Lock | None = None
         #: (code, message) pairs for /v1/status: conflicts, corrupt state, ...
         self.warnings: dict[str, str] = {f"state:{i}": w for i, w in enumerate(state.warnings)}
-
-    @property
-    def lock(self) -> asyncio.Lock:
-        """Serializes mutations; made on first use, so the restore path never
-        imports asyncio (40 ms of a boot-time restore)."""
-        if self._lock is None:
-            import asyncio  # noqa: PLC0415
-
-            self._lock = asyncio.Lock()
-        return self._lock
 
     # -- start-up ---------------------------------------------------------
 
@@ -156,7 +124,8 @@ class Service:
 
     def restore(self) -> RestoreReport:
         """Bring the kernel in line with the state: register what is missing,
-        adopt what is there, leave conflicts alone and report them."""
+        adopt what is there, take back names qusd owns, leave other
+        conflicts alone and report them."""
         report = RestoreReport()
         if not self.kernel.is_mounted():
             return report
@@ -164,50 +133,46 @@ class Service:
         # conflict and restore warnings describe the table now: rebuilt each time
         self.warnings = {k: v for k, v in before.items() if not k.startswith(_TRANSIENT)}
         records = dict(self.state.records)
-        for name, rec in self.state.records.items():
-            existing = self.kernel.get(name)
-            if existing is not None and existing.rule() == rec.rule:
+        wants = [
+            Want(r.rule, r.enabled, replace=r.owned and r.persistent) for r in records.values()
+        ]
+        todo = []
+        for change in table.plan(self.kernel, wants):
+            name = change.name
+            if change.action is Action.UNCHANGED:
                 report.adopted.append(name)
-            elif existing is not None and rec.owned and rec.persistent:
-                try:  # an admin replaced it once: qusd keeps the name
-                    self.kernel.remove(name)
-                    self.kernel.register(rec.rule)
-                    if not rec.enabled:
-                        self.kernel.disable(name)
-                except QusdError as e:
-                    report.failed.append(name)
-                    self._warn(
-                        before, f"restore:{name}", f"could not take back {name}: {e.message}"
-                    )
-                    continue
-                report.restored.append(name)
-                log.info(
-                    "took back %s from another definition (%s)", name, existing.describe(),
-                    extra=event("restored"),
-                )  # fmt: skip
-            elif existing is not None:
+            elif change.action is Action.CONFLICT:
+                assert change.before is not None
                 report.conflicts.append(name)
                 self._warn(
                     before,
                     f"conflict:{name}",
                     f"{name} is in the kernel with another definition "
-                    f"({existing.describe()}); qusd left it alone (register it with "
+                    f"({change.before.describe()}); qusd left it alone (register it with "
                     "replace to make qusd keep it)",
+                    "conflict",
                 )
-            elif not rec.persistent:
+            elif change.action is Action.ADD and not records[name].persistent:
                 report.dropped.append(name)
                 del records[name]
             else:
-                try:
-                    self.kernel.register(rec.rule)
-                    if not rec.enabled:
-                        self.kernel.disable(name)
-                except QusdError as e:
-                    report.failed.append(name)
-                    self._warn(before, f"restore:{name}", f"could not restore {name}: {e.message}")
-                    continue
+                todo.append(change)
+        failed = table.apply_each(self.kernel, todo)
+        for change in todo:
+            name = change.name
+            if name in failed:
+                report.failed.append(name)
+                verb = "take back" if change.action is Action.REPLACE else "restore"
+                self._warn(before, f"restore:{name}",
+                           f"could not {verb} {name}: {failed[name].message}")  # fmt: skip
+            elif change.before is not None:
                 report.restored.append(name)
-                log.info("restored %s (%s)", name, rec.rule.interpreter, extra=event("restored"))
+                self.events.emit("restored", f"took back {name} from another definition "
+                                 f"({change.before.describe()})", names=[name])  # fmt: skip
+            else:
+                report.restored.append(name)
+                self.events.emit("restored", f"restored {name} ({change.rule.interpreter})",
+                                 names=[name])  # fmt: skip
         if report.dropped:
             try:
                 self.state.save(records)
@@ -215,34 +180,34 @@ class Service:
                 log.error("%s", e.message)
         return report
 
-    def _warn(self, before: dict[str, str], key: str, message: str) -> None:
-        """Record a warning; log it only when it is new."""
+    def _warn(self, before: dict[str, str], key: str, message: str, kind: str = "") -> None:
+        """Record a warning; tell it only when it is new."""
         if before.get(key) != message:
-            kind = "conflict" if key.startswith("conflict:") else None
-            log.warning("%s", message, extra=event(kind) if kind else None)
+            if kind:
+                self.events.emit(kind, message, names=[key.partition(":")[2]],
+                                 level=logging.WARNING)  # fmt: skip
+            else:
+                log.warning("%s", message)
         self.warnings[key] = message
 
-    async def reconcile(self) -> RestoreReport:
-        """restore(), under the lock: run periodically so that entries another
-        tool flushed (systemd-binfmt does at start) come back."""
-        async with self.lock:
-            if not self.kernel.is_mounted():
-                self.ensure_mounted()
-            return self.restore()
+    def reconcile(self) -> RestoreReport:
+        """restore(), mounting first if binfmt_misc went away: run
+        periodically so that entries another tool flushed (systemd-binfmt
+        does at start) come back."""
+        if not self.kernel.is_mounted():
+            self.ensure_mounted()
+        return self.restore()
 
     # -- reading ----------------------------------------------------------
 
     def _target_of(self, entry: Entry) -> str | None:
         if entry.type == "M":
-            for t in self.catalog:
-                if (t.offset, t.magic, t.mask) == (entry.offset, entry.magic, entry.mask):
-                    return t.name
-        if entry.name.startswith("qemu-"):
-            try:
-                return self.catalog.get(entry.name[len("qemu-") :]).name
-            except QusdError:
-                return None
-        return None
+            found = self.catalog.with_pattern(entry.offset, entry.magic, entry.mask)
+            if found is not None:
+                return found.name
+        name = target_part(entry.name)
+        found = self.catalog.find(name) if name is not None else None
+        return found.name if found is not None else None
 
     def _view(self, entry: Entry) -> Registration:
         rec = self.state.records.get(entry.name)
@@ -281,7 +246,7 @@ class Service:
             self.catalog, self.family, self.interpreter_dirs
         )
 
-    async def register_targets(
+    def register_targets(
         self,
         caller: Caller,
         names: Sequence[str] | None,
@@ -294,15 +259,9 @@ class Service:
         targets = self._chosen(names)
         self.policy.check_targets(caller, targets, flags)
         items = [(self.rule_for(t, flags), t.name) for t in targets]
-        return await self._register(
-            caller,
-            items,
-            persistent=persistent,
-            replace_existing=replace_existing,
-            overrides=overrides,
-        )
+        return self._register(caller, items, persistent, replace_existing, overrides)
 
-    async def register_entry(
+    def register_entry(
         self,
         caller: Caller,
         rule: Rule,
@@ -312,19 +271,12 @@ class Service:
         overrides: Overrides = Overrides(),
     ) -> RegisterResult:
         self.policy.check_entry(caller)
-        return await self._register(
-            caller,
-            [(rule, None)],
-            persistent=persistent,
-            replace_existing=replace_existing,
-            overrides=overrides,
-        )
+        return self._register(caller, [(rule, None)], persistent, replace_existing, overrides)
 
-    async def _register(
+    def _register(
         self,
         caller: Caller,
         items: Sequence[tuple[Rule, str | None]],
-        *,
         persistent: bool,
         replace_existing: bool,
         overrides: Overrides,
@@ -335,129 +287,98 @@ class Service:
             self.policy.check_rule(
                 caller, rule, overrides.force, overrides.allow_untrusted_interpreter
             )
-        async with self.lock:
-            self._require_mounted()
-            result = RegisterResult()
-            records = dict(self.state.records)
-            plan: list[tuple[Rule, Entry | None]] = []
-            for given, target in items:
-                rule = given.normalized()
-                existing = self.kernel.get(rule.name)
-                if existing is not None and existing.rule() == rule:
-                    view = self._view(existing)
-                    result.unchanged.append(view)
-                    if not view.managed and self.policy.role(caller) is not Role.ADMIN:
-                        continue  # only an admin may adopt another tool's entry
-                elif existing is not None and not replace_existing:
-                    raise ConflictError(
-                        f"{rule.name} is already registered with another definition "
-                        f"({existing.describe()}); replace it explicitly "
-                        "(qusctl register --replace)",
-                        name=rule.name,
-                    )
-                else:
-                    if existing is not None:
-                        self.policy.check_replace(caller, self._view(existing).managed, rule.name)
-                    plan.append((rule, existing))
-                # the record says what the kernel will hold: an entry left
-                # unchanged keeps its enabled state, a new one is enabled
-                same = existing is not None and existing.rule() == rule
-                enabled = existing.enabled if existing is not None and same else True
-                old = records.get(rule.name)
-                owned = (existing is not None and not same) or (
-                    old is not None and old.owned and old.rule == rule
-                )
-                records[rule.name] = Record(rule, persistent, enabled, target, owned)
-            undo = _Undo()
-            try:
-                for rule, existing in plan:
-                    if existing is not None:
-                        self.kernel.remove(rule.name)
-                        undo.push(f"re-register {rule.name}", _reregister(self.kernel, existing))
-                    self.kernel.register(rule)
-                    undo.push(f"remove {rule.name}", _remover(self.kernel, rule.name))
-                if records != self.state.records:
-                    self.state.save(records)
-            except QusdError:
-                undo.run()
-                raise
-            for rule, _ in plan:
-                log.info(
-                    "registered %s (%s, flags %s)", rule.name, rule.interpreter, rule.flags,
-                    extra=event("registered"),
-                )  # fmt: skip
-                result.registered.append(self._view(self.kernel.entry(rule.name)))
-            result.unchanged = [
-                self._view(self.kernel.entry(r.entry.name)) for r in result.unchanged
-            ]
-            return result
+        self._require_mounted()
+        plan = table.plan(self.kernel, [Want(r, replace=replace_existing) for r, _ in items])
+        plan.refuse_conflicts("replace it explicitly (qusctl register --replace)")
+        records = dict(self.state.records)
+        admin = self.policy.role(caller) is Role.ADMIN
+        for change, (_, target) in zip(plan, items, strict=True):
+            managed = change.before is not None and self._view(change.before).managed
+            unchanged = change.action is Action.UNCHANGED
+            if change.action is Action.REPLACE:
+                self.policy.check_replace(caller, managed, change.name)
+            if unchanged and not managed and not admin:
+                continue  # only an admin may adopt another tool's entry
+            # the record says what the kernel will hold: an entry left
+            # unchanged keeps its enabled state, a new one is enabled
+            enabled = change.before.enabled if unchanged and change.before else True
+            old = records.get(change.name)
+            owned = change.action is Action.REPLACE or (
+                old is not None and old.owned and old.rule == change.rule
+            )
+            records[change.name] = Record(change.rule, persistent, enabled, target, owned)
+        changing = plan.of(Action.ADD, Action.REPLACE)
+        table.apply(self.kernel, changing, save=lambda: self._save(records))
+        result = RegisterResult()
+        for change in changing:
+            rule = change.rule
+            self.events.emit("registered",
+                             f"registered {rule.name} ({rule.interpreter}, flags {rule.flags})",
+                             names=[rule.name], actor=caller.uid)  # fmt: skip
+            result.registered.append(self.registration(rule.name))
+        result.unchanged = [self.registration(c.name) for c in plan.of(Action.UNCHANGED)]
+        return result
 
-    async def set_enabled(self, caller: Caller, name: str, enabled: bool) -> Registration:
-        async with self.lock:
-            entry = self.kernel.entry(name)
-            action = "enable" if enabled else "disable"
-            self.policy.check_modify(caller, name, self._view(entry).managed, action)
-            if entry.enabled != enabled:
-                (self.kernel.enable if enabled else self.kernel.disable)(name)
-            view = self._view(self.kernel.entry(name))
-            rec = self.state.records.get(name)
-            if view.managed and rec is not None and rec.enabled != enabled:
-                try:
-                    self.state.save({**self.state.records, name: replace(rec, enabled=enabled)})
-                except QusdError:
-                    (self.kernel.enable if entry.enabled else self.kernel.disable)(name)
-                    raise
-            log.info("%s %s", "enabled" if enabled else "disabled", name)
-            return view
+    def set_enabled(self, caller: Caller, name: str, enabled: bool) -> Registration:
+        entry = self.kernel.entry(name)
+        action = "enable" if enabled else "disable"
+        view = self._view(entry)
+        self.policy.check_modify(caller, name, view.managed, action)
+        records = dict(self.state.records)
+        rec = records.get(name)
+        if view.managed and rec is not None:
+            records[name] = replace(rec, enabled=enabled)
+        with Transaction(self.kernel) as tx:
+            tx.set_enabled(entry, enabled)
+            self._save(records)
+        kind = "enabled" if enabled else "disabled"
+        self.events.emit(kind, f"{kind} {name}", names=[name], actor=caller.uid)
+        return self.registration(name)
 
-    async def unregister(self, caller: Caller, name: str) -> None:
-        async with self.lock:
-            entry = self.kernel.get(name) if self.kernel.is_mounted() else None
-            if entry is None and name not in self.state.records:
-                raise NoSuchEntryError(f"no binfmt_misc entry named {name!r}")
-            managed = entry is None or self._view(entry).managed
-            self.policy.check_modify(caller, name, managed, "unregister")
-            await self._remove([entry] if entry else [], forget=[name])
-            log.info("unregistered %s", name, extra=event("unregistered"))
+    def unregister(self, caller: Caller, name: str) -> None:
+        entry = self.kernel.get(name) if self.kernel.is_mounted() else None
+        if entry is None and name not in self.state.records:
+            raise NoSuchEntryError(f"no binfmt_misc entry named {name!r}")
+        managed = entry is None or self._view(entry).managed
+        self.policy.check_modify(caller, name, managed, "unregister")
+        self._remove([entry] if entry else [], forget=[name])
+        self.events.emit("unregistered", f"unregistered {name}", names=[name], actor=caller.uid)
 
-    async def reset(self, caller: Caller, scope: str = "managed") -> list[str]:
+    def reset(self, caller: Caller, scope: str = "managed") -> list[str]:
         """Remove what qusd made, every qemu-* entry, or everything."""
         if scope not in RESET_SCOPES:
             raise ValueError(scope)
         self.policy.check_reset(caller, scope)
-        async with self.lock:
-            self._require_mounted()
-            entries = self.kernel.entries()
-            if scope == "managed":
-                chosen = [e for e in entries if self._view(e).managed]
-                forget = list(self.state.records)
-            elif scope == "qemu":
-                chosen = [e for e in entries if e.name.startswith("qemu-")]
-                forget = [n for n in self.state.records if n.startswith("qemu-")]
-            else:
-                chosen, forget = entries, list(self.state.records)
-            await self._remove(chosen, forget)
-            names = [e.name for e in chosen]
-            log.info(
-                "reset (%s): removed %s", scope, ", ".join(names) or "nothing",
-                extra=event("unregistered"),
-            )  # fmt: skip
-            return names
+        self._require_mounted()
+        entries = self.kernel.entries()
+        if scope == "managed":
+            chosen = [e for e in entries if self._view(e).managed]
+            forget = list(self.state.records)
+        elif scope == "qemu":
+            chosen = [e for e in entries if is_qemu_entry(e.name)]
+            forget = [n for n in self.state.records if is_qemu_entry(n)]
+        else:
+            chosen, forget = entries, list(self.state.records)
+        self._remove(chosen, forget)
+        names = [e.name for e in chosen]
+        removed = ", ".join(names) or "nothing"
+        self.events.emit("unregistered", f"reset ({scope}): removed {removed}", names=names,
+                         actor=caller.uid)  # fmt: skip
+        return names
 
-    async def _remove(self, entries: Iterable[Entry], forget: Iterable[str]) -> None:
-        """Remove entries from the kernel and names from the state; the lock is held."""
+    def _remove(self, entries: Iterable[Entry], forget: Iterable[str]) -> None:
+        """Remove entries from the kernel and names from the state, all or none."""
         gone = set(forget)
         records = {n: r for n, r in self.state.records.items() if n not in gone}
-        undo = _Undo()
-        try:
+        with Transaction(self.kernel) as tx:
             for e in entries:
-                self.kernel.remove(e.name)
-                undo.push(f"re-register {e.name}", _reregister(self.kernel, e))
-            if records != self.state.records:
-                self.state.save(records)
-        except QusdError:
-            undo.run()
-            raise
+                tx.remove(e)
+            self._save(records)
+
+    def _save(self, records: dict[str, Record]) -> None:
+        """Persist records, unless they are what the state holds already."""
+        if records != self.state.records:
+            self.state.save(records)
 
     def _require_mounted(self) -> None:
         if not self.kernel.is_mounted():
@@ -492,16 +413,3 @@ class Service:
             },
             "warnings": [{"code": k.split(":")[0], "message": v} for k, v in self.warnings.items()],
         }
-
-
-def _remover(kernel: BinfmtMisc, name: str) -> Callable[[], None]:
-    return lambda: kernel.remove(name)
-
-
-def _reregister(kernel: BinfmtMisc, entry: Entry) -> Callable[[], None]:
-    def step() -> None:
-        kernel.register(entry.rule())
-        if not entry.enabled:
-            kernel.disable(entry.name)
-
-    return step

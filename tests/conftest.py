@@ -114,13 +114,9 @@ class Sandbox:
         if status == "ok":
             return value
         if status == "qusd":
-            module, cls_name, message, details = value
+            module, cls_name, reason, field, details = value
             cls = getattr(importlib.import_module(module), cls_name)
-            exc = cls.__new__(cls)
-            QusdError.__init__(exc, message, **details)
-            if "field" in details:
-                exc.field = details["field"]
-            raise exc
+            raise cls(reason, field=field, **details)
         raise AssertionError(f"inside the sandbox: {value}")
 
     def func(self, qualname: str, *args: Any, **kwargs: Any) -> Any:

@@ -248,7 +248,17 @@ async def refused(
         assert reply.status == status, str(reply)
     assert reply.content_type == PROBLEM_JSON, str(reply)
     problem: dict[str, Any] = reply.json()
-    assert set(problem) - {"errors"} == {"type", "title", "status", "detail", "code"}, problem
+    assert set(problem) - {"errors", "field"} == {
+        "type",
+        "title",
+        "status",
+        "detail",
+        "code",
+        "reason",
+    }, problem
+    # the reason alone, and the detail people read: the field it is about, then why
+    field = f"{problem['field']}: " if "field" in problem else ""
+    assert problem["detail"] == field + problem["reason"], problem
     assert problem["type"] == f"urn:qusd:problem:{code}", problem
     assert problem["code"] == code and problem["status"] == status, problem
     assert isinstance(problem["title"], str) and problem["title"], problem

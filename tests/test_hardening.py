@@ -376,7 +376,7 @@ async def forbidden(client: Api, daemon: Daemon, body: Any) -> dict[str, Any]:
     assert (reply.status, reply.content_type) == (403, PROBLEM_JSON), str(reply)
     problem: dict[str, Any] = reply.json()
     assert problem["status"] == 403 and problem["type"] == f"urn:qusd:problem:{problem['code']}"
-    assert set(problem) == {"type", "title", "status", "detail", "code"}, problem
+    assert set(problem) == {"type", "title", "status", "detail", "code", "reason"}, problem
     return problem
 
 

@@ -71,7 +71,7 @@ def test_make_run_walk_through(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGINT)
     log, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, log
-    assert "stopped; registrations stay in the kernel" in log
+    assert "stopped; the sandbox's registrations go away with it" in log
 
     # the next start restores it, in a new sandbox
     proc = start(tmp_path)

@@ -4,6 +4,7 @@ script, run on the real kernel in sandboxes, outside any container."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -140,3 +141,42 @@ def test_github_action_script(sbx: Sandbox, tmp_path: Path) -> None:
     res = sbx.run(["sh", script], env={**env, "QUSD_TARGETS": "vax"})
     assert res.returncode == 1
     assert res.stdout.startswith("::error title=qusd binfmt::qusd-binfmt: unknown target 'vax'")
+
+
+def test_the_kernel_refusing_the_second_rule_puts_the_table_back(
+    sbx: Sandbox, tmp_path: Path
+) -> None:
+    """The kernel refuses the second target's rule (its F-flag interpreter is
+    open for writing, as during an upgrade: ETXTBSY): the user sees the
+    kernel's error and 71, and the table is what it was, including the entry
+    the first target replaced, with its definition and its disabled state."""
+    tmp_path.chmod(0o755)
+    for cpu in ("aarch64", "s390x"):
+        shutil.copy(interpreter(cpu), tmp_path / f"qemu-{cpu}-static")
+    theirs = catalog.builtin().get("aarch64").rule("/usr/bin/qemu-aarch64-static", "P")
+    sbx.kernel.register(theirs)
+    sbx.kernel.disable("qemu-aarch64")
+    sbx.kernel.register(Rule("DOSWin", "/usr/bin/wine", extension="exe"))
+    before = sbx.kernel.entries()
+    busy = os.open(tmp_path / "qemu-s390x-static", os.O_WRONLY)  # "being upgraded"
+    try:
+        res = oneshot(sbx, "register", "--replace", "--interpreter-dir", str(tmp_path),
+                      "aarch64", "s390x")  # fmt: skip
+    finally:
+        os.close(busy)
+    assert res.returncode == 71, res.stderr
+    assert res.stderr == (
+        f"qusd-binfmt: the F flag opens {tmp_path}/qemu-s390x-static at registration and it "
+        "is open for writing (being installed or upgraded?): register again once that is done\n"
+    )
+    assert sbx.kernel.entries() == before
+    back = sbx.kernel.entry("qemu-aarch64")
+    assert (back.interpreter, back.flags, back.enabled) == ("/usr/bin/qemu-aarch64-static", "P",
+                                                           False)  # fmt: skip
+    # and once the file is closed, the same command goes through
+    res = oneshot(sbx, "register", "--replace", "--interpreter-dir", str(tmp_path),
+                  "aarch64", "s390x")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert [(r.split()[0], r.split()[2]) for r in res.stdout.splitlines()[1:]] == [
+        ("qemu-aarch64", "replaced"), ("qemu-s390x", "registered")
+    ]  # fmt: skip

@@ -11,6 +11,7 @@ import pytest
 
 from qusd import catalog, policy
 from qusd.binfmt import Rule
+from qusd.config import Config
 from qusd.errors import HostTypeError, InterpreterError, UntrustedInterpreterError
 from qusd.policy import check_trusted
 from tests.conftest import Sandbox, interpreter
@@ -126,7 +127,7 @@ def test_native_headers_cover_the_host_family() -> None:
 )
 def test_host_protection(magic: bytes, mask: bytes | None, offset: int, hijacks: bool) -> None:
     pol = policy.Policy(
-        policy.PolicyConfig(), HOST_FAMILY, BUILTIN,
+        Config(), HOST_FAMILY, BUILTIN,
         policy.native_headers(BUILTIN, HOST_FAMILY, ["/proc/self/exe"]),
     )  # fmt: skip
     rule = Rule("x", "/bin/true", magic=magic, mask=mask, offset=offset)

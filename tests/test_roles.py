@@ -43,8 +43,9 @@ import pytest
 
 from qusd import catalog
 from qusd.client import Client
+from qusd.config import Config
 from qusd.errors import QusdError
-from qusd.policy import Caller, Policy, PolicyConfig, Role
+from qusd.policy import Caller, Policy, Role
 from qusd.state import FILENAME
 from tests.conftest import (
     NOBODY,
@@ -327,7 +328,7 @@ def entry_body(
 def test_peer_credentials_carry_supplementary_groups(accounts: Accounts, workdir: Path) -> None:
     """What the daemon learns of a curl run by setpriv: the uid, the pid and,
     through SO_PEERGROUPS, the supplementary groups that make the role."""
-    policy = Policy(PolicyConfig(ADMINS, USERS), HOST_FAMILY, BUILTIN)
+    policy = Policy(Config(admin_group=ADMINS, user_group=USERS), HOST_FAMILY, BUILTIN)
     path = str(workdir / "peer.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
         srv.bind(path)

@@ -212,12 +212,12 @@ os.environ["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
 sent = []
 import systemd.journal
 from qusd import systemd_glue
-from qusd.events import event, MESSAGE_IDS
+from qusd.events import journal_fields, MESSAGE_IDS
 systemd_glue.setup_logging("info")
 handler = logging.getLogger().handlers[0]
 assert isinstance(handler, systemd.journal.JournalHandler), handler
 handler.send = lambda MESSAGE, **kw: sent.append((MESSAGE, kw))
-logging.getLogger("qusd.service").info("registered x", extra=event("registered"))
+logging.getLogger("qusd.service").info("registered x", extra=journal_fields("registered"))
 msg, fields = sent[0]
 assert msg == "registered x", msg
 assert fields["MESSAGE_ID"] == MESSAGE_IDS["registered"]

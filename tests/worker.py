@@ -48,7 +48,8 @@ def serve(binfmt_path: str) -> None:
                 fn = getattr(importlib.import_module(module), func)
             write_frame(out, ("ok", fn(*args, **kwargs)))
         except QusdError as e:
-            write_frame(out, ("qusd", (type(e).__module__, type(e).__name__, e.message, e.details)))
+            kind = (type(e).__module__, type(e).__name__)
+            write_frame(out, ("qusd", (*kind, e.reason, e.field, e.details)))
         except Exception as e:  # the test sees it as a failure with the trace
             write_frame(out, ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
