@@ -28,24 +28,44 @@ if [ "${1:-}" = --print-deb ]; then
     exit 0
 fi
 
+# The maintainer: packaging/maintainer.env, the one place that names them.
+# Not the caller's DEBFULLNAME/DEBEMAIL: the package is the same whoever
+# builds it.
+DEBFULLNAME='' DEBEMAIL=''
+# shellcheck source=packaging/maintainer.env
+. ./packaging/maintainer.env
+maintainer="$DEBFULLNAME <$DEBEMAIL>"
+# What lintian takes for a real address (a host in a domain); no character
+# that sed's replacement below would read.
+if ! printf '%s\n' "$maintainer" \
+    | grep -Eqx "[^<>|&@\\]+ <[^<>|&@\\ ]+@[A-Za-z0-9-]+(\\.[A-Za-z0-9-]+)+>" \
+    || [ "${DEBEMAIL##*.}" = localdomain ] || [ "${DEBEMAIL##*.}" = invalid ]; then
+    echo "build-deb: packaging/maintainer.env: '$maintainer' is not 'Full Name <user@host.domain>'" >&2
+    exit 1
+fi
+
 top=$(pwd)
 stage=$top/build/deb/qusd-$version
 echo "build-deb: staging the source package in ${stage#"$top"/}"
 rm -rf "$top/build/deb"
 mkdir -p "$stage"
-# What `pip install .` needs, without caches and build leftovers, and the
-# man pages (debian/qusd.manpages).
+# What `pip install .` needs, without caches and build leftovers, the
+# man pages (debian/qusd.manpages), and the pins debian/rules installs with.
 tar -cf - --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' \
-    pyproject.toml README.md qusd systemd packaging/qusd.toml docs/man | tar -xf - -C "$stage"
+    pyproject.toml README.md qusd systemd packaging/qusd.toml packaging/constraints.txt \
+    docs/man | tar -xf - -C "$stage"
 # debian/ links to the units in systemd/: copy what they point at.
 cp -RL packaging/debian "$stage/debian"
+for f in control changelog copyright; do
+    sed -i "s|@MAINTAINER@|$maintainer|g" "$stage/debian/$f"
+done
 if [ "$debversion" != "$changelog_version" ]; then
     echo "build-deb: pyproject.toml says $version, debian/changelog $changelog_version: adding $debversion" >&2
     {
         printf 'qusd (%s) unstable; urgency=medium\n\n' "$debversion"
         printf '  * Upstream version %s (entry made by packaging/build-deb.sh).\n\n' "$version"
-        printf ' -- qusd developers <qusd@localhost>  %s\n\n' "$(date -R)"
-        cat packaging/debian/changelog
+        printf ' -- %s  %s\n\n' "$maintainer" "$(date -R)"
+        sed "s|@MAINTAINER@|$maintainer|g" packaging/debian/changelog
     } >"$stage/debian/changelog"
 fi
 

@@ -1,10 +1,11 @@
 """The Debian package `make deb` builds (packaging/debian, dh-virtualenv).
 
 Nothing here installs anything on this machine. The tests look at
-dist/qusd_*.deb: its control fields and maintainer scripts; its files
-unpacked into scratch roots, where systemd-analyze verifies the units and
-systemd-sysusers creates the groups; the bundled virtualenv run from a
-private mount namespace (the daemon itself in a sandbox); and a real
+dist/qusd_*.deb: what lintian says of it; its control fields and maintainer
+scripts; its files unpacked into scratch roots, where systemd-analyze
+verifies the units and systemd-sysusers creates the groups; the bundled
+virtualenv, its pins and its compiled extensions; the package's /usr run
+from a private mount namespace (the daemon itself in a sandbox); and a real
 `dpkg -i` and purge in a chroot whose root is an overlay of this machine's,
 thrown away with its mount namespace.
 """
@@ -19,13 +20,18 @@ import re
 import shutil
 import subprocess
 import tomllib
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import FOREIGN_DIR, ROOT, needs_sandbox
 
-VENV = "/opt/venvs/qusd"
+VENV = "/usr/lib/qusd"
+COMMANDS = ("qusd", "qusctl", "qusd-binfmt")
+CONSTRAINTS = ROOT / "packaging/constraints.txt"
+#: What builds the venv (pinned too) but is not in the package.
+BUILD_ONLY = {"pip", "setuptools"}
 VERSION: str = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 HOST_UNITS = Path("/usr/lib/systemd/system")
 #: The caller's Python settings must not reach the bundled interpreter.
@@ -111,6 +117,78 @@ def venv_cfg(root: Path) -> dict[str, str]:
     return {k.strip(): v.strip() for k, _, v in (line.partition("=") for line in lines)}
 
 
+def site_packages(root: Path) -> Path:
+    return root / VENV.lstrip("/") / f"lib/python{venv_python_version(root)}/site-packages"
+
+
+def maintainer() -> str:
+    """packaging/maintainer.env's "Name <address>", the one place it is set."""
+    env = (ROOT / "packaging/maintainer.env").read_text()
+    values = dict(re.findall(r'^(DEBFULLNAME|DEBEMAIL)="([^"]*)"$', env, re.M))
+    return f"{values['DEBFULLNAME']} <{values['DEBEMAIL']}>"
+
+
+def canonical(name: str) -> str:
+    """A distribution's name as PEP 503 compares them."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+# --- What lintian says ---
+
+#: One line of lintian's: severity (or O: overridden, M: masked by one of
+#: lintian's screens), tag, the rest.
+LINTIAN_LINE = re.compile(r"^([EWIPXOM]): qusd(?: \w+)?: (\S+)(?: (.*))?$")
+
+
+def test_lintian(deb: Path) -> None:
+    """lintian --pedantic, with info and experimental tags, finds nothing that
+    is not overridden; no error is overridden; no override goes unused."""
+    lintian = need("lintian")
+    need("lintian-explain-tags")
+    # What --fail-on error,warning,info,pedantic would do, read from the
+    # output: lintian counts the overridden hints it shows (--show-overrides)
+    # and those its own screens mask (M:) as failures. Exit 1: lintian broke.
+    cmd = [
+        lintian, "--no-cfg", "--ignore-lintian-env", "--no-user-dirs",
+        "--pedantic", "--display-info", "--display-experimental", "--show-overrides",
+        "--tag-display-limit", "0", "--fail-on", "none", str(deb),
+    ]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
+    hints = [m for m in map(LINTIAN_LINE.match, res.stdout.splitlines()) if m]
+    found = [m.group(0) for m in hints if m.group(1) in "EWIPX"]
+    overridden = Counter(m.group(2) for m in hints if m.group(1) == "O")
+    print("lintian, overridden:", dict(overridden) or "none")
+    print("lintian, not overridden:", found or "none")
+    assert not found, "lintian --pedantic found:\n" + "\n".join(found)
+    assert res.returncode == 0, f"{cmd} exited {res.returncode}:\n{res.stdout}{res.stderr}"
+
+    # The severity of what the overrides silence: never an error.
+    explained = run(["lintian-explain-tags", *sorted(overridden)]).stdout
+    severity = {tag: level for level, tag in re.findall(r"^([EWIPX]): (\S+)$", explained, re.M)}
+    assert set(severity) == set(overridden), explained
+    errors = [tag for tag, level in severity.items() if level == "E"]
+    assert not errors, f"errors may not be overridden: {errors}"
+
+
+def test_lintian_overrides_say_why() -> None:
+    """Every override (or run of one tag's overrides) comes right after a
+    comment line saying why."""
+    lines = (ROOT / "packaging/debian/qusd.lintian-overrides").read_text().splitlines()
+    previous = ""
+    overrides = 0
+    for number, line in enumerate(lines, 1):
+        if line.strip() and not line.startswith("#"):
+            m = re.match(r"qusd: (\S+)", line)
+            assert m, f"line {number}: not 'qusd: TAG [CONTEXT]': {line!r}"
+            same_tag = re.match(rf"qusd: {re.escape(m.group(1))}\b", previous)
+            assert (previous.startswith("#") and previous.strip("# ")) or same_tag, (
+                f"line {number}: override {line!r} without a comment line saying why above it"
+            )
+            overrides += 1
+        previous = line
+    assert overrides > 0
+
+
 # --- The package's metadata and maintainer scripts ---
 
 
@@ -123,7 +201,11 @@ def test_control_fields(deb: Path, root: Path) -> None:
     if os.uname().machine == "x86_64":
         assert arch == "amd64"
     assert deb.name == f"qusd_{version}_{arch}.deb"
-    assert field(deb, "Maintainer") == "qusd developers <qusd@localhost>"
+    # A real address (lintian's bogus-mail-host wants a host in a domain),
+    # from packaging/maintainer.env.
+    assert field(deb, "Maintainer") == maintainer()
+    host = maintainer().rpartition("@")[2].rstrip(">")
+    assert "." in host and host != "localhost", host
 
     depends = relations(field(deb, "Depends"))
     assert [("qemu-user-static", "")] in depends
@@ -137,6 +219,12 @@ def test_control_fields(deb: Path, root: Path) -> None:
     assert any(alts[0][0] == "libsystemd0" for alts in depends)
     # ${misc:Depends}: dh_installsysusers needs a systemd-sysusers.
     assert any(alts[0][0] == "systemd" and len(alts) > 1 for alts in depends)
+
+
+def test_changelog_signed_by_the_maintainer(root: Path) -> None:
+    changelog = gzip.decompress((root / "usr/share/doc/qusd/changelog.Debian.gz").read_bytes())
+    signatures = re.findall(r"^ -- (.*?)  ", changelog.decode(), re.M)
+    assert signatures and set(signatures) == {maintainer()}, signatures
 
 
 def test_conffiles(control: Path) -> None:
@@ -158,6 +246,9 @@ def test_maintainer_scripts(control: Path) -> None:
         assert f"deb-systemd-helper unmask '{unit}'" in postinst
         assert f"deb-systemd-helper enable '{unit}'" in postinst
     assert "_dh_action=start" in postinst
+    # The venv ships no byte code: compiled at install, removed at removal.
+    assert re.search(r"^\s*py3compile -p qusd /usr/lib/qusd$", postinst, re.M), postinst
+    assert re.search(r"^\s*py3clean -p qusd$", (control / "prerm").read_text(), re.M)
     assert "deb-systemd-invoke stop 'qusd.service' 'qusd.socket'" in (control / "prerm").read_text()
     assert (
         "deb-systemd-helper purge 'qusd.service' 'qusd.socket'" in (control / "postrm").read_text()
@@ -193,13 +284,21 @@ def test_files(root: Path) -> None:
         source = ROOT / "docs/man" / page.split("/")[1]
         assert gzip.decompress(installed.read_bytes()) == source.read_bytes(), installed
 
-    for prog in ("qusd", "qusctl", "qusd-binfmt"):
-        link = root / "usr/bin" / prog
-        assert link.is_symlink(), link
-        assert os.path.normpath(os.path.join("/usr/bin", os.readlink(link))) == f"{VENV}/bin/{prog}"
-        script = root / VENV.lstrip("/") / "bin" / prog
+    # The commands are in /usr/bin, run by the venv's python.
+    for prog in COMMANDS:
+        script = root / "usr/bin" / prog
+        assert script.is_file() and not script.is_symlink(), script
         assert script.read_text().startswith(f"#!{VENV}/bin/python\n"), script
-        assert script.stat().st_mode & 0o111 == 0o111, script
+        assert script.stat().st_mode & 0o7777 == 0o755, script
+
+    # Nothing in /opt (Debian leaves it to add-on software), no byte code
+    # (compiled at install), nothing that only installs packages.
+    everything = [p.relative_to(root) for p in root.rglob("*")]
+    assert not [p for p in everything if p.parts[0] == "opt"]
+    assert not [p for p in everything if p.name == "__pycache__" or p.suffix in {".pyc", ".pyo"}]
+    assert sorted(p.name for p in (root / VENV.lstrip("/") / "bin").iterdir()) == [
+        "python", "python3", f"python{venv_python_version(root)}",
+    ]  # fmt: skip
 
 
 def test_venv_is_debians_python(root: Path) -> None:
@@ -207,16 +306,62 @@ def test_venv_is_debians_python(root: Path) -> None:
     cfg = venv_cfg(root)
     assert cfg["home"] == "/usr/bin"
     assert cfg["include-system-site-packages"] == "false"
-    assert os.readlink(venv / "bin/python3") == "/usr/bin/python3"
-    site = venv / f"lib/python{venv_python_version(root)}/site-packages"
-    names = {p.name.lower() for p in site.iterdir()}
+    python3 = os.path.normpath(os.path.join(f"{VENV}/bin", os.readlink(venv / "bin/python3")))
+    assert python3 == "/usr/bin/python3"
+    names = {p.name.lower() for p in site_packages(root).iterdir()}
     for dist in ("qusd", "aiohttp", "pydantic", "pydantic_core", "systemd_python"):
         assert any(n.startswith(f"{dist}-") and n.endswith(".dist-info") for n in names), dist
-    assert "setuptools" not in names, "nothing at run time needs setuptools"
+    for tool in ("pip", "setuptools", "wheel", "_distutils_hack"):
+        assert tool not in names, f"nothing at run time needs {tool}"
     # Nothing refers to where the package was built.
-    for path in [venv / "pyvenv.cfg", *(venv / "bin").iterdir()]:
-        if path.is_file() and not path.is_symlink():
-            assert "/debian/qusd/" not in path.read_text(errors="replace"), path
+    for path in [venv / "pyvenv.cfg", *(root / "usr/bin/" / p for p in COMMANDS)]:
+        assert "/debian/qusd/" not in path.read_text(errors="replace"), path
+
+
+def test_venv_is_pinned(root: Path) -> None:
+    """The venv holds exactly packaging/constraints.txt's versions (and qusd):
+    pip-deps.sh wrote the pins for this dependency set, and the build used
+    them."""
+    pins = {
+        canonical(name): version
+        for name, version in re.findall(
+            r"^([A-Za-z0-9._-]+)==(\S+)$", CONSTRAINTS.read_text(), re.M
+        )
+    }
+    bundled = {}
+    for info in site_packages(root).glob("*.dist-info"):
+        meta = (info / "METADATA").read_text()
+        name = re.search(r"^Name: (.*)$", meta, re.M)
+        version = re.search(r"^Version: (.*)$", meta, re.M)
+        assert name and version, info
+        bundled[canonical(name.group(1))] = version.group(1)
+    assert bundled.pop("qusd") == VERSION
+    runtime = {k: v for k, v in pins.items() if k not in BUILD_ONLY}
+    assert bundled == runtime, "bundled vs packaging/constraints.txt (sh packaging/pin-deps.sh)"
+    assert set(pins) >= BUILD_ONLY, "the build tools are pinned too"
+
+
+def test_extensions_built_here(root: Path) -> None:
+    """No compiled extension looks for libraries where a build machine kept
+    them (RUNPATH/RPATH), none links a libpython (Debian's python3 has none);
+    systemd-python's, compiled here, carries Debian's hardening (bind now)."""
+    readelf = need("readelf")
+    extensions = sorted(site_packages(root).rglob("*.so"))
+    assert len(extensions) >= 5, extensions
+    suffix = f".cpython-{venv_python_version(root).replace('.', '')}-"
+    for so in extensions:
+        dynamic = run([readelf, "-d", "-W", str(so)]).stdout
+        paths = re.findall(r"\((?:RUNPATH|RPATH)\)\s+Library (?:run)?path: \[(.*)\]", dynamic)
+        foreign = [p for p in ":".join(paths).split(":") if p and not p.startswith("$ORIGIN")]
+        assert not foreign, f"{so}: RUNPATH/RPATH {paths}"
+        assert "libpython" not in dynamic, f"{so} links a libpython:\n{dynamic}"
+        assert suffix in so.name, f"{so} is not for python{venv_python_version(root)}"
+    systemd = [so for so in extensions if so.parent.name == "systemd"]
+    assert len(systemd) >= 5, extensions
+    for so in systemd:
+        dynamic = run([readelf, "-d", "-W", str(so)]).stdout
+        assert re.search(r"\(FLAGS\).*\bBIND_NOW\b", dynamic), f"{so}: not linked -z now"
+        assert "libsystemd.so.0" in dynamic, so
 
 
 def test_units_verify(deb: Path, tmp_path: Path) -> None:
@@ -254,13 +399,12 @@ def test_sysusers_and_tmpfiles(deb: Path, tmp_path: Path) -> None:
 
 # --- The bundled virtualenv, running ---
 
-#: Makes /opt/venvs/qusd the unpacked venv in a private mount namespace (on a
-#: tmpfs over /opt: nothing of this machine's /opt is touched), then runs $2.
+#: In a private mount namespace, /usr becomes a read-only overlay of the
+#: package's /usr over this machine's (nothing of it is touched; read-only as
+#: the service sees it), then runs $2.
 IN_VENV_NS = r"""
 set -eu
-mount -t tmpfs -o mode=0755 tmpfs /opt
-mkdir -p /opt/venvs/qusd
-mount --bind "$1/opt/venvs/qusd" /opt/venvs/qusd
+mount -t overlay overlay -o "ro,lowerdir=$1/usr:/usr" /usr
 shift
 exec sh -euc "$@"
 """
@@ -277,8 +421,8 @@ def in_venv(root: Path, script: str, *args: str, timeout: float = 60) -> str:
 
 
 def test_venv_runs(root: Path) -> None:
-    out = in_venv(root, f"{VENV}/bin/qusd --version; {VENV}/bin/qusctl --version")
-    assert out.split("\n")[:2] == [f"qusd {VERSION}", f"qusctl {VERSION}"], out
+    out = in_venv(root, "qusd --version; qusctl --version; command -v qusd")
+    assert out.split("\n")[:3] == [f"qusd {VERSION}", f"qusctl {VERSION}", "/usr/bin/qusd"], out
 
     probe = r"""
 import importlib, json, pkgutil, sys
@@ -311,7 +455,7 @@ def test_packaged_daemon_serves(root: Path, tmp_path: Path) -> None:
     busybox = FOREIGN_DIR / "arm64" / "busybox"
     script = r"""
 d=$1 conf=$2 busybox=$3
-/opt/venvs/qusd/bin/qusd --sandbox --socket "$d/qusd.sock" --state-dir "$d/state" \
+/usr/bin/qusd --sandbox --socket "$d/qusd.sock" --state-dir "$d/state" \
     --config "$conf" 2>"$d/daemon.log" &
 pid=$!
 trap 'kill $pid 2>/dev/null || true' EXIT
@@ -321,7 +465,7 @@ while [ ! -S "$d/qusd.sock" ]; do
     i=$((i + 1)); [ $i -le 300 ] || { echo "no socket after 30 s" >&2; exit 1; }
     sleep 0.1
 done
-q() { /opt/venvs/qusd/bin/qusctl --socket "$d/qusd.sock" "$@"; }
+q() { /usr/bin/qusctl --socket "$d/qusd.sock" "$@"; }
 echo "== status"; q status
 echo "== register"; q register aarch64
 echo "== list"; q list
@@ -366,8 +510,14 @@ ch() { chroot "$r" "$@"; }
 echo "== install"; ch dpkg -i /tmp/qusd.deb 2>&1
 echo "== status"; ch dpkg-query -W -f='${Status} ${Version}\n${Conffiles}\n' qusd
 echo "== version"; ch qusd --version; ch qusctl --version
+echo "== pyc"
+find "$r/usr/lib/qusd" -name '*.pyc' | wc -l
+find "$r/usr/lib/qusd" -name '*.py' -path '*/site-packages/qusd/*' | while read -r py; do
+    d=${py%/*} m=${py##*/}
+    ls "$d/__pycache__/${m%.py}".cpython-*.pyc >/dev/null 2>&1 || echo "not compiled: $py"
+done
 echo "== verify"; ch systemd-analyze verify qusd.service qusd.socket 2>&1 && echo ok
-echo "== group"; grep '^qusd' "$r/etc/group"
+echo "== group"; grep -E '^qusd(-admin)?:' "$r/etc/group"
 echo "== wants"
 readlink "$r/etc/systemd/system/multi-user.target.wants/qusd.service"
 readlink "$r/etc/systemd/system/sockets.target.wants/qusd.socket"
@@ -375,7 +525,8 @@ echo "== dirs"; stat -c '%n %a %U' "$r/var/lib/qusd" "$r/run/qusd"
 echo "== socket"; ls "$r/run/qusd"
 echo "== purge"; ch dpkg --purge qusd 2>&1
 echo "== after"
-for p in opt/venvs/qusd etc/qusd usr/bin/qusd usr/bin/qusctl lib/systemd/system/qusd.service \
+for p in usr/lib/qusd etc/qusd usr/bin/qusd usr/bin/qusctl usr/bin/qusd-binfmt \
+        lib/systemd/system/qusd.service \
         etc/systemd/system/multi-user.target.wants/qusd.service \
         etc/systemd/system/sockets.target.wants/qusd.socket; do
     if [ -e "$r/$p" ] || [ -L "$r/$p" ]; then echo "left: /$p"; fi
@@ -418,6 +569,9 @@ def test_install_and_purge_in_chroot(deb: Path, tmp_path: Path) -> None:
     md5 = hashlib.md5((ROOT / "packaging/qusd.toml").read_bytes(), usedforsecurity=False)
     assert conffiles.split() == ["/etc/qusd/qusd.toml", md5.hexdigest()], out
     assert s["version"].split() == ["qusd", VERSION, "qusctl", VERSION], out
+    # The postinst compiled every module of the venv (py3compile).
+    compiled, *uncompiled = s["pyc"].strip().split("\n")
+    assert int(compiled) > 100 and not uncompiled, out
     assert s["verify"].strip() == "ok", out
     assert {line.split(":")[0] for line in s["group"].split()} == {"qusd", "qusd-admin"}, out
     assert s["wants"].split() == [
@@ -430,3 +584,4 @@ def test_install_and_purge_in_chroot(deb: Path, tmp_path: Path) -> None:
     ], out
     assert s["socket"].strip() == "", "nothing may have been started"
     assert s["after"].strip() == "", out
+    assert "not empty" not in s["purge"], "the prerm leaves byte code behind:\n" + out
