@@ -386,6 +386,7 @@ def make_app(
     app[LOCK] = asyncio.Lock()
     app[RECONCILER] = Reconciler(service, app[LOCK], config.reconcile_interval)
     app[STREAMS] = set[stream.Listener]()
+    feed.ring(service.events)  # from now on (the daemon attached it before the restore)
     app.on_shutdown.append(_end_streams)
     for r in ROUTES:
         app.router.add_route(r.method, r.path, r.bind())
