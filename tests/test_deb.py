@@ -528,8 +528,8 @@ echo "== trigger"
 # qusd's postinst "triggered"; a fake systemctl (a booted system, qusd
 # running) records what it was asked
 mkdir -p "$t/dummy/DEBIAN" "$t/dummy/usr/libexec/qemu-binfmt"
-printf 'Package: qusd-trigger-test\nVersion: 1\nArchitecture: all\nMaintainer: t <t@t>\nDescription: t\n' \
-    >"$t/dummy/DEBIAN/control"
+printf 'Package: qusd-trigger-test\nVersion: 1\nArchitecture: all\n%s\n%s\n' \
+    'Maintainer: t <t@t>' 'Description: t' >"$t/dummy/DEBIAN/control"
 : >"$t/dummy/usr/libexec/qemu-binfmt/qusd-trigger-test"
 dpkg-deb -b "$t/dummy" "$r/tmp/dummy.deb" >/dev/null
 mkdir -p "$r/run/systemd/system"

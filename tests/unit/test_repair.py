@@ -51,7 +51,7 @@ async def test_own_writes_are_told_apart_and_bursts_coalesced() -> None:
     assert watch.notices == 1
 
     # a write the kernel refused raised no event: its note is withdrawn
-    with pytest.raises(OSError), own.writing([("register", "modify")]):
+    with pytest.raises(OSError, match="EEXIST"), own.writing([("register", "modify")]):
         raise OSError("EEXIST")
     watch.feed(1, IN_MODIFY, "register")
     await asyncio.sleep(0.05)
@@ -283,7 +283,7 @@ def test_import_refuses_what_is_broken(tmp_path: Path) -> None:
     with pytest.raises(InvalidRuleError, match=r"b\.conf:1: type 'X'"):
         interchange.read_paths([tmp_path])
     (tmp_path / "b.conf").write_text(":b:M\n")
-    with pytest.raises(InvalidRuleError, match="not a binfmt.d rule"):
+    with pytest.raises(InvalidRuleError, match=r"not a binfmt\.d rule"):
         interchange.read_paths([tmp_path])
 
 
