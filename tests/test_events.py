@@ -13,6 +13,7 @@ import contextlib
 import http.client
 import json
 import os
+import select
 import signal
 import socket
 import statistics
@@ -511,19 +512,33 @@ def test_streams_end_when_the_daemon_stops(daemon: Daemon) -> None:
     s.close()
 
 
+def read_lines(proc: subprocess.Popen[str], n: int, timeout: float = 30) -> list[str]:
+    """n lines of proc's output, failing (not hanging) past the deadline."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while len(lines) < n:
+        ready, _, _ = select.select([proc.stdout], [], [], max(0, deadline - time.monotonic()))
+        assert ready, f"only {lines} after {timeout} s"
+        lines.append(proc.stdout.readline())
+    return lines
+
+
 def test_qusctl_watch_prints_events(daemon: Daemon) -> None:
     interpreter("aarch64")
     qusctl = [str(Path(daemon.argv[0]).parent / "qusctl"), "--socket", daemon.socket]
     register(daemon, "arm64")
+    # the JSON watcher starts after the registration: it must print the
+    # removal however long it takes to connect, so it starts from there
+    with stream(daemon, "?since=0") as s:
+        since = str(kind_for(s, "registered", "qemu-aarch64")["seq"])
     with subprocess.Popen([*qusctl, "watch", "--since", "0"], stdout=subprocess.PIPE,
                           text=True) as people, \
-         subprocess.Popen([*qusctl, "watch", "--json"], stdout=subprocess.PIPE,
-                          text=True) as machines:  # fmt: skip
-        time.sleep(0.5)
+         subprocess.Popen([*qusctl, "watch", "--json", "--since", since],
+                          stdout=subprocess.PIPE, text=True) as machines:  # fmt: skip
         daemon.client.request("DELETE", "/v1/registrations/qemu-aarch64")
-        assert people.stdout is not None and machines.stdout is not None
-        lines = [people.stdout.readline(), people.stdout.readline()]
-        doc = json.loads(machines.stdout.readline())
+        lines = read_lines(people, 2)
+        doc = json.loads(read_lines(machines, 1)[0])
         people.send_signal(signal.SIGINT)
         machines.send_signal(signal.SIGINT)
     assert " registered by uid 0: registered qemu-aarch64 " in lines[0], lines
