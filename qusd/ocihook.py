@@ -133,6 +133,11 @@ def plan(req: Request, cat: catalog.Catalog, host_family: str, dirs: Sequence[st
             for t in interpreters.foreign_with_interpreters(cat, host_family, dirs)
             if (found := interpreters.find(t, dirs)) is not None and found.static
         ]
+        if not targets:
+            raise InterpreterError(
+                f"'all' found no static interpreter of a foreign target in {', '.join(dirs)}: "
+                "install qemu-user-static"
+            )
     else:
         targets = cat.resolve(req.names)
     policy.check_foreign_request(

@@ -178,6 +178,12 @@ def test_all_is_every_foreign_target_with_a_static_interpreter() -> None:
     assert all(r.interpreter.endswith("-static") and r.flags == "F" for r in rules)
 
 
+def test_all_without_interpreters_is_refused(tmp_path: Path) -> None:
+    req = ocihook.Request(("all",), "FP")
+    with pytest.raises(InterpreterError, match="'all' found no static interpreter"):
+        ocihook.plan(req, BUILTIN, HOST_FAMILY, [str(tmp_path)])
+
+
 def test_a_dynamic_interpreter_is_refused(tmp_path: Path) -> None:
     """In the container the libraries of a dynamic interpreter are missing."""
     dynamic = Path("/usr/bin/qemu-aarch64")
