@@ -439,6 +439,9 @@ def _remove_user(name: str) -> None:
         ["userdel", "--remove", name], capture_output=True, text=True, timeout=60, check=False
     )
     assert res.returncode in (0, 12), res.stderr  # 12: the home was gone already
+    lock = Path(f"/dev/shm/libpod_rootless_lock_{uid}")  # podman's, per uid
+    if lock.exists() and lock.stat().st_uid == uid:
+        lock.unlink()
 
 
 def _run(argv: Sequence[str]) -> None:
