@@ -136,19 +136,7 @@ class Policy:
     def check_targets(self, caller: Caller, targets: Iterable[Target], flags: str) -> None:
         if self._require_writer(caller, "registering") is Role.ADMIN:
             return
-        for t in targets:
-            if t.family == self.host_family:
-                raise ForbiddenError(
-                    f"{t.name} is of the host's own family ({self.host_family}): users may "
-                    "register only foreign targets"
-                )
-        bad = set(flags) - (set(self.config.user_flags) - NEVER_FOR_USERS)
-        if bad:
-            allowed = "".join(sorted(set(self.config.user_flags) - NEVER_FOR_USERS)) or "none"
-            raise ForbiddenError(
-                f"flag(s) {''.join(sorted(bad))} are admin-only (users may use: {allowed}); "
-                "C runs the interpreter with the binary's set-uid credentials"
-            )
+        check_foreign_request(targets, flags, self.host_family, self.config.user_flags)
 
     def check_entry(self, caller: Caller) -> None:
         if self._require_writer(caller, "registering") is not Role.ADMIN:
@@ -200,6 +188,33 @@ class Policy:
                     "ELF): every exec on the machine would go to its interpreter; an admin "
                     "may pass force if that is really meant"
                 )
+
+
+def check_foreign_request(
+    targets: Iterable[Target],
+    flags: str,
+    host_family: str,
+    allowed_flags: str,
+    *,
+    who: str = "users",
+    refused: str = "admin-only",
+) -> None:
+    """What anyone short of an admin may register (the daemon's users, the OCI
+    hook's containers): targets of another family than the host's, whose rule
+    cannot capture the host's own programs, with harmless flags, never C or O."""
+    for t in targets:
+        if t.family == host_family:
+            raise ForbiddenError(
+                f"{t.name} is of the host's own family ({host_family}): {who} may "
+                "register only foreign targets"
+            )
+    bad = set(flags) - (set(allowed_flags) - NEVER_FOR_USERS)
+    if bad:
+        allowed = "".join(sorted(set(allowed_flags) - NEVER_FOR_USERS)) or "none"
+        raise ForbiddenError(
+            f"flag(s) {''.join(sorted(bad))} are {refused} ({who} may use: {allowed}); "
+            "C runs the interpreter with the binary's set-uid credentials"
+        )
 
 
 def native_headers(catalog: Catalog, host_family: str, samples: Iterable[str] = ()) -> list[bytes]:
