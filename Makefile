@@ -35,7 +35,7 @@ $(FOREIGN)/.stamp: tools/fetch-foreign.sh
 DEB := $(shell sh packaging/build-deb.sh --print-deb)
 DEB_INPUTS := pyproject.toml README.md packaging/qusd.toml packaging/build-deb.sh \
 	packaging/constraints.txt packaging/maintainer.env \
-	$(wildcard systemd/qusd.*) $(wildcard docs/man/*) \
+	$(wildcard systemd/qusd.*) $(wildcard docs/man/*) $(wildcard packaging/oci/*) \
 	$(shell find qusd packaging/debian -name __pycache__ -prune -o ! -type d -print)
 
 $(DEB): $(DEB_INPUTS)

@@ -42,11 +42,13 @@ import stat
 import sys
 import syslog
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from qusd import catalog, interpreters, policy, sandbox
+from qusd import table as transaction
 from qusd.binfmt import BinfmtMisc, Entry, Rule, check_flags, normalize_flags
+from qusd.config import Config
 from qusd.errors import (
     ConflictError,
     InterpreterError,
@@ -54,6 +56,7 @@ from qusd.errors import (
     QusdError,
     SandboxError,
 )
+from qusd.table import Action, Want
 
 PROG = "qusd-oci-hook"
 #: the annotation that asks for emulation: targets (commas or spaces) or "all"
@@ -145,7 +148,7 @@ def plan(req: Request, cat: catalog.Catalog, host_family: str, dirs: Sequence[st
     )
     flags = normalize_flags(asked)
     guard = policy.Policy(
-        policy.PolicyConfig(),
+        Config(),
         host_family,
         cat,
         policy.native_headers(cat, host_family, ["/bin/sh", sys.executable]),
@@ -361,37 +364,27 @@ class ContainerTable:
 # -- registering ------------------------------------------------------------------------
 
 
-def register_rules(kernel: BinfmtMisc, rules: Sequence[Rule]) -> list[tuple[Entry, str]]:
-    """Register rules all or nothing; an identical entry is kept (containers
-    sharing a user namespace share its table).
-
-    LEAD: the one registration loop of the hook; swap it for qusd.table's
-    transaction (plan: rules; kernel: this BinfmtMisc; same all-or-nothing).
-    """
-    done: list[tuple[Entry, str]] = []
-    added: list[str] = []
-    try:
-        for rule in rules:
-            existing = kernel.get(rule.name)
-            if existing is not None:
-                if existing.rule() == rule.normalized() and existing.enabled:
-                    done.append((existing, "unchanged"))
-                    continue
-                state = "" if existing.enabled else ", disabled"
-                raise ConflictError(
-                    f"{rule.name} is already in this user namespace's table "
-                    f"({existing.describe()}{state}): containers that share a user namespace "
-                    "share one table; ask for the same flags, or give this container its own "
-                    "user namespace (podman run --userns=auto)"
-                )
-            done.append((kernel.register(rule), "registered"))
-            added.append(rule.name)
-    except QusdError:
-        for name in reversed(added):
-            with contextlib.suppress(QusdError):
-                kernel.remove(name)
-        raise
-    return done
+def register_rules(
+    kernel: BinfmtMisc, rules: Sequence[Rule], then: Callable[[], object] | None = None
+) -> list[tuple[Entry, str]]:
+    """Register rules, then call `then` (sealing the table), all or nothing,
+    through the table transaction; an identical enabled entry is kept
+    (containers sharing a user namespace share its table), anything else
+    under the name is refused."""
+    shared = "containers that share a user namespace share one table; ask for the same "
+    shared += "flags, or give this container its own user namespace (podman run --userns=auto)"
+    plan = transaction.plan(kernel, [Want(r) for r in rules])
+    for c in plan.of(Action.UNCHANGED):
+        if c.before is not None and not c.before.enabled:
+            raise ConflictError(f"{c.name} is in this user namespace's table, disabled; {shared}")
+    plan.refuse_conflicts(shared)
+    done = transaction.apply(kernel, plan.of(Action.ADD), save=then)
+    rows = []
+    for c in plan:
+        entry = done.get(c.name, c.before)
+        assert entry is not None
+        rows.append((entry, "registered" if c.action is Action.ADD else "unchanged"))
+    return rows
 
 
 def emulate(state: State, req: Request, cat: catalog.Catalog, dirs: Sequence[str]) -> list[str]:
@@ -405,15 +398,7 @@ def emulate(state: State, req: Request, cat: catalog.Catalog, dirs: Sequence[str
     check_user_namespace(state.pid)
     table = ContainerTable(state.pid, container_rootfs(state.bundle))
     try:
-        done = register_rules(table.kernel, rules)
-        try:
-            table.seal()
-        except QusdError:
-            for entry, result in done:
-                if result == "registered":
-                    with contextlib.suppress(QusdError):
-                        table.kernel.remove(entry.name)
-            raise
+        done = register_rules(table.kernel, rules, then=table.seal)
     finally:
         table.close()
     return [f"{e.name}: {result} ({e.describe()})" for e, result in done]

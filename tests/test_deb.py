@@ -28,7 +28,7 @@ import pytest
 from tests.conftest import FOREIGN_DIR, ROOT, needs_sandbox
 
 VENV = "/usr/lib/qusd"
-COMMANDS = ("qusd", "qusctl", "qusd-binfmt")
+COMMANDS = ("qusd", "qusctl", "qusd-binfmt", "qusd-oci-hook")
 CONSTRAINTS = ROOT / "packaging/constraints.txt"
 #: What builds the venv (pinned too) but is not in the package.
 BUILD_ONLY = {"pip", "setuptools"}
@@ -278,7 +278,11 @@ def test_files(root: Path) -> None:
         )
         assert installed.stat().st_mode & 0o7777 == 0o644, installed
 
-    for page in ("man8/qusd.8", "man1/qusctl.1", "man1/qusd-binfmt.1", "man5/qusd.toml.5"):
+    pages = ("man8/qusd.8", "man1/qusctl.1", "man1/qusd-binfmt.1", "man1/qusd-oci-hook.1",
+             "man5/qusd.toml.5")  # fmt: skip
+    hook = root / "usr/share/containers/oci/hooks.d/qusd-emulate.json"
+    assert hook.read_bytes() == (ROOT / "packaging/oci/qusd-emulate.json").read_bytes()
+    for page in pages:
         installed = root / "usr/share/man" / f"{page}.gz"
         assert installed.is_file(), f"no {installed} (debian/qusd.manpages)"
         source = ROOT / "docs/man" / page.split("/")[1]
@@ -543,7 +547,8 @@ rm "$r/usr/local/sbin/systemctl"; rmdir "$r/run/systemd/system"
 ch dpkg --purge qusd-trigger-test >/dev/null 2>&1
 echo "== purge"; ch dpkg --purge qusd 2>&1
 echo "== after"
-for p in usr/lib/qusd etc/qusd usr/bin/qusd usr/bin/qusctl usr/bin/qusd-binfmt \
+for p in usr/lib/qusd etc/qusd usr/bin/qusd usr/bin/qusctl usr/bin/qusd-binfmt usr/bin/qusd-oci-hook \
+        usr/share/containers/oci/hooks.d/qusd-emulate.json \
         lib/systemd/system/qusd.service \
         etc/systemd/system/multi-user.target.wants/qusd.service \
         etc/systemd/system/sockets.target.wants/qusd.socket; do

@@ -12,17 +12,18 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from qusd import cli, daemon, oneshot
+from qusd import cli, daemon, ocihook, oneshot
 from qusd.config import Config
 from tests.conftest import ROOT
 
 MAN = ROOT / "docs/man"
-PAGES = ["qusd.8", "qusctl.1", "qusd-binfmt.1", "qusd.toml.5"]
+PAGES = ["qusd.8", "qusctl.1", "qusd-binfmt.1", "qusd-oci-hook.1", "qusd.toml.5"]
 #: The page of each program, and the function that builds its parser.
 PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
     "qusd.8": daemon.parser,
     "qusctl.1": cli.parser,
     "qusd-binfmt.1": oneshot.parser,
+    "qusd-oci-hook.1": ocihook.parser,
 }
 
 
