@@ -35,7 +35,12 @@ from qusd.middleware import (
 )
 from qusd.models import (
     EnableRequest,
+    FixedOut,
     Health,
+    InstallRequest,
+    InstallResponse,
+    InterpretersOut,
+    ProvisionedOut,
     RegisterRequest,
     RegisterResponse,
     RegistrationOut,
@@ -43,6 +48,9 @@ from qusd.models import (
     ResetResponse,
     Status,
     TargetOut,
+    VerifyRequest,
+    VerifyResponse,
+    VerifyResult,
     printable,
 )
 from qusd.policy import RateLimiter
@@ -55,6 +63,8 @@ T = TypeVar("T")
 
 #: one table change at a time: the service is synchronous, the lock is ours
 LOCK: web.AppKey[asyncio.Lock] = web.AppKey("lock", asyncio.Lock)
+#: one verify at a time: each runs a process per target
+VERIFYING: web.AppKey[asyncio.Semaphore] = web.AppKey("verifying", asyncio.Semaphore)
 
 
 async def locked(request: web.Request, fn: Callable[P, T], *args: P.args, **kw: P.kwargs) -> T:
@@ -106,7 +116,9 @@ async def status(request: web.Request, _: None) -> web.Response:
 
 
 async def targets(request: web.Request, _: None) -> web.Response:
-    return reply([TargetOut.of(t) for t in request.app[SERVICE].targets()])
+    # the first call finds what the host runs natively: probes, off the loop
+    infos = await asyncio.to_thread(request.app[SERVICE].targets)
+    return reply([TargetOut.of(t) for t in infos])
 
 
 async def list_registrations(request: web.Request, _: None) -> web.Response:
@@ -120,6 +132,7 @@ async def get_registration(request: web.Request, _: None) -> web.Response:
 async def register(request: web.Request, req: RegisterRequest) -> web.Response:
     svc, who = request.app[SERVICE], caller(request)
     overrides = Overrides(req.force, req.allow_untrusted_interpreter)
+    await asyncio.to_thread(svc.native)  # probes, once, off the loop: the checks follow them
     if req.entry is not None:
         result = await locked(request, svc.register_entry, who, req.entry.rule(),
                               persistent=req.persistent, replace_existing=req.replace,
@@ -155,6 +168,32 @@ async def reset(request: web.Request, req: ResetRequest) -> web.Response:
     return reply(ResetResponse(removed=[printable(n) for n in removed]))
 
 
+async def verify(request: web.Request, req: VerifyRequest) -> web.Response:
+    svc = request.app[SERVICE]
+    async with request.app[VERIFYING]:
+        checks = await asyncio.to_thread(svc.verify, req.targets)
+    results = [VerifyResult.of(c) for c in checks]
+    return reply(VerifyResponse(ok=all(r.ok for r in results), results=results))
+
+
+async def list_interpreters(request: web.Request, _: None) -> web.Response:
+    svc = request.app[SERVICE]
+    provisioned, fixed = svc.interpreters()
+    return reply(
+        InterpretersOut(
+            store=svc.config.interpreter_store or None,
+            provisioned=[ProvisionedOut.of(i) for i in provisioned],
+            fixed=[FixedOut.of(n, f) for n, f in sorted(fixed.items())],
+        )
+    )
+
+
+async def install_interpreters(request: web.Request, req: InstallRequest) -> web.Response:
+    svc = request.app[SERVICE]
+    done = await asyncio.to_thread(svc.install_interpreters, caller(request), req.targets, req.deb)
+    return reply(InstallResponse(installed=[ProvisionedOut.of(i) for i in done]), status=201)
+
+
 async def openapi(request: web.Request, _: None) -> web.Response:
     from qusd import openapi as doc  # noqa: PLC0415 - built on first request, not at start
 
@@ -174,6 +213,10 @@ def _register_names(request: web.Request, req: RegisterRequest | None) -> list[s
     if req.entry is not None:
         return [req.entry.name]
     return req.targets or ["(all foreign)"]
+
+
+def _targets(request: web.Request, req: VerifyRequest | InstallRequest | None) -> list[str]:
+    return list(req.targets or ["(registered)"]) if req is not None else []
 
 
 def _reset_scope(request: web.Request, req: ResetRequest | None) -> list[str]:
@@ -237,6 +280,16 @@ ROUTES = (
           errors=(403, 404, 429, 503), audit=_path_name),
     Route("POST", "/v1/reset", reset, "Remove managed, qemu-* or all entries",
           request=ResetRequest, response=ResetResponse, errors=_CHANGE, audit=_reset_scope),
+    Route("POST", "/v1/verify", verify,
+          "Run each registered target's built-in program through the kernel (readers may)",
+          request=VerifyRequest, response=VerifyResponse,
+          errors=(400, 408, 413, 415, 422, 429, 503), audit=_targets),
+    Route("GET", "/v1/interpreters", list_interpreters,
+          "Provisioned interpreters, and the files F entries hold", response=InterpretersOut),
+    Route("POST", "/v1/interpreters", install_interpreters,
+          "Extract interpreters from a qemu-user-static package (admins)",
+          request=InstallRequest, response=InstallResponse, status=201, errors=_CHANGE,
+          audit=_targets),
     Route("GET", "/openapi.json", openapi, "This document (OpenAPI 3.1)"),
 )  # fmt: skip
 
@@ -253,6 +306,7 @@ def make_app(
     app[BUCKETS] = RateLimiter(config.rate_limit, config.rate_burst)
     app[CALLER_OF] = caller_of
     app[LOCK] = asyncio.Lock()
+    app[VERIFYING] = asyncio.Semaphore(1)
     for r in ROUTES:
         app.router.add_route(r.method, r.path, r.bind())
     return app

@@ -112,6 +112,14 @@ class Policy:
     #: raises unless an interpreter is safe to register (the unit tests,
     #: whose files are not root's, give their own)
     check_interpreter: Callable[[str], None] = field(default_factory=lambda: check_trusted)
+    #: the targets the host runs itself, once found by trying (qusd.native);
+    #: until then, the targets of its family
+    native_targets: frozenset[str] | None = None
+
+    def is_native(self, target: Target) -> bool:
+        if self.native_targets is not None:
+            return target.name in self.native_targets
+        return target.family == self.host_family
 
     # -- roles ----------------------------------------------------------------
 
@@ -137,11 +145,10 @@ class Policy:
         if self._require_writer(caller, "registering") is Role.ADMIN:
             return
         for t in targets:
-            if t.family == self.host_family:
-                raise ForbiddenError(
-                    f"{t.name} is of the host's own family ({self.host_family}): users may "
-                    "register only foreign targets"
-                )
+            if self.is_native(t):
+                own = t.family == self.host_family
+                why = f"of the host's own family ({self.host_family})" if own else "run natively"
+                raise ForbiddenError(f"{t.name} is {why}: users may register only foreign targets")
         bad = set(flags) - (set(self.config.user_flags) - NEVER_FOR_USERS)
         if bad:
             allowed = "".join(sorted(set(self.config.user_flags) - NEVER_FOR_USERS)) or "none"
