@@ -15,7 +15,6 @@ Standard library only: qusctl, qusd-binfmt and the image use it.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
@@ -170,22 +169,19 @@ def kernel_has_binfmt_misc() -> bool:
 
 
 def read_table(kernel: BinfmtMisc) -> Table:
-    """The table at kernel.path, newest entry first. binfmt_misc adds each
-    entry at the head of its list and lists its directory in the same
-    order, so readdir order is the kernel's search order."""
+    """The table at kernel.path, newest entry first: the kernel's search order."""
     path = str(kernel.path)
     if not kernel.is_mounted():
         return Table(path, kernel_has_binfmt_misc(), False)
     table = Table(path, True, True, kernel.enabled())
-    for name in os.listdir(path):
-        if name in ("register", "status"):
-            continue
+    for name in kernel.ordered_names():
         entry = kernel.get(name)
         if entry is None:
             continue  # removed while we read
         table.entries.append(entry)
-        with contextlib.suppress(OSError):
-            table.registered[name] = os.stat(os.path.join(path, name)).st_ctime_ns
+        when = kernel.registered_at(name)
+        if when is not None:
+            table.registered[name] = when
     return table
 
 

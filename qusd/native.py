@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from qusd import doctor, probes, sandbox
 from qusd.binfmt import DEFAULT_PATH, BinfmtMisc
-from qusd.catalog import Catalog, Target
+from qusd.catalog import Catalog, Target, canonical_name
 from qusd.errors import QusdError
 
 PROBE, FAMILY, SETTING = "probe", "family", "setting"
@@ -148,7 +148,8 @@ def detect(
 ) -> dict[str, Verdict]:
     """A verdict for every catalog target: the settings first, then a probe
     run where no entry can take it, else the family table."""
-    forced_native, forced_emulated = set(native_targets), set(emulated_targets)
+    forced_native = {canonical_name(n) for n in native_targets}
+    forced_emulated = {canonical_name(n) for n in emulated_targets}
     todo = [
         t.name
         for t in catalog
