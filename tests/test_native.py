@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,9 +41,11 @@ x86_64_only = pytest.mark.skipif(
 class WrappedDaemon(Daemon):
     """`qusd --sandbox` started under a wrapper (a seccomp stand-in)."""
 
-    wrapper: list[str] = []
+    def __init__(self, workdir: Path, wrapper: list[str], **kwargs: Any) -> None:
+        self.wrapper = wrapper
+        super().__init__(workdir, **kwargs)
 
-    @property  # type: ignore[override]
+    @property
     def argv(self) -> list[str]:
         return self._argv
 
@@ -53,8 +56,7 @@ class WrappedDaemon(Daemon):
 
 def wrapped(workdir: Path, mode: str, toml: str = "") -> Daemon:
     (workdir / "qusd.toml").write_text(toml or "# defaults\n")
-    cls = type("Wrapped", (WrappedDaemon,), {"wrapper": [*PY, "tests.seccomp", mode, "--"]})
-    return cls(workdir, env=ENV)
+    return WrappedDaemon(workdir, [*PY, "tests.seccomp", mode, "--"], env=ENV)
 
 
 def targets(d: Daemon) -> dict[str, dict[str, object]]:
