@@ -297,17 +297,30 @@ def _emulation_commands(sub: Any, daemon_cmd: Any) -> None:
         "with the interpreter and the QEMU version behind it. Exit status 1 when one failed.",
     )
     s.add_argument("targets", nargs="*", metavar="TARGET")
-    s = daemon_cmd(
+    s = sub.add_parser(
         "interpreters",
-        "install or list qusd's own interpreters",
-        cmd_interpreters,
-        "install: extract the named targets' interpreters from a qemu-user-static package "
-        "(--from FILE, or Debian's, downloaded with apt-get by the daemon) into the daemon's "
-        "interpreter_store, recording version and sha256 (admins). list: what is there.",
+        help="install or list qusd's own interpreters",
+        description="qusd's own interpreter directory (interpreter_store), searched first.",
     )
-    s.add_argument("action", choices=["install", "list"])
-    s.add_argument("targets", nargs="*", metavar="TARGET")
-    s.add_argument("--from", dest="deb", metavar="FILE", help="the package file (a .deb)")
+    actions = s.add_subparsers(dest="action", metavar="ACTION", required=True)
+    i = actions.add_parser(
+        "install",
+        help="extract interpreters from qemu-user-static (admins)",
+        description="Extract only the named targets' interpreters from a qemu-user-static "
+        "package (--from FILE, or Debian's, downloaded with apt-get by the daemon into its "
+        "interpreter_cache) into the daemon's interpreter_store, recording version and sha256.",
+    )
+    i.add_argument("targets", nargs="+", metavar="TARGET")
+    i.add_argument("--from", dest="deb", metavar="FILE", help="the package file (a .deb)")
+    i.add_argument("--json", action="store_true", help="print the API's JSON")
+    i.set_defaults(func=cmd_interpreters)
+    i = actions.add_parser(
+        "list",
+        help="what interpreters install put there",
+        description="The provisioned interpreters, their version and sha256.",
+    )
+    i.add_argument("--json", action="store_true", help="print the API's JSON")
+    i.set_defaults(func=cmd_interpreters)
     s = sub.add_parser(
         "doctor",
         help="say why a program does not run",

@@ -178,13 +178,17 @@ def _emulation_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- ARGS")
     s.set_defaults(func=diagnose, show=show_findings)
     s = sub.add_parser(
-        "interpreters", parents=[common], help="install interpreters from qemu-user-static",
-        description="install: extract only the named targets' interpreters from a "
-        "qemu-user-static .deb (--from FILE, or Debian's, downloaded with apt-get into "
-        "--cache-dir) into --dir, recording version and sha256; register then finds them "
-        "there first.",
+        "interpreters",
+        help="install interpreters from qemu-user-static",
+        description="Interpreters extracted from qemu-user-static's package.",
+    )
+    actions = s.add_subparsers(dest="action", metavar="ACTION", required=True)
+    s = actions.add_parser(
+        "install", parents=[common], help="extract the named targets' interpreters",
+        description="Extract only the named targets' interpreters from a qemu-user-static "
+        ".deb (--from FILE, or Debian's, downloaded with apt-get into --cache-dir) into --dir, "
+        "recording version and sha256; register then finds them there first.",
     )  # fmt: skip
-    s.add_argument("action", choices=["install"])
     s.add_argument("targets", nargs="+", metavar="TARGET")
     s.add_argument("--from", dest="deb", metavar="FILE", help="the package file (a .deb)")
     s.add_argument("--dir", default=interpreters.STORE_DIR,

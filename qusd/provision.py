@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from qusd.catalog import Target
-from qusd.errors import InterpreterError
+from qusd.errors import InterpreterError, UntrustedInterpreterError
 from qusd.interpreters import STORE_DIR
 from qusd.policy import check_trusted
 
@@ -296,8 +296,14 @@ def install(
         os.makedirs(store, mode=0o755, exist_ok=True)
         staged = _extract(source, package, wanted, store)
         try:
-            for tmp, _ in staged.values():
-                check_trusted(tmp)
+            for file, (tmp, _) in staged.items():
+                final = os.path.join(store, file)
+                try:
+                    check_trusted(tmp)
+                except UntrustedInterpreterError as e:
+                    raise UntrustedInterpreterError(
+                        f"will not install into {store}: {e.reason.replace(tmp, final)}"
+                    ) from None
                 _runs_here(tmp, source)
             items = manifest(store)
             done = []

@@ -36,7 +36,7 @@ QUSCTL = str(Path(sys.executable).parent / "qusctl")
 AARCH64 = catalog.builtin().get("aarch64")
 STATIC = "/usr/bin/qemu-aarch64-static"
 DYNAMIC = "/usr/bin/qemu-aarch64"
-ENOENT_CHROOT = "/bin/busybox’: No such file or directory"  # coreutils' quotes
+ENOENT_CHROOT = "/bin/busybox\u2019: No such file or directory"  # coreutils' quotes
 
 
 @pytest.fixture
@@ -67,8 +67,8 @@ def qusctl(d: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
 
 def in_chroot(d: Daemon, root: Path) -> subprocess.CompletedProcess[str]:
     """`uname -m` of the foreign busybox, chrooted, in the daemon's sandbox."""
-    return d.inside.run(["chroot", str(root), "/bin/busybox", "uname", "-m"],
-                        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})  # fmt: skip
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+    return d.inside.run(["chroot", str(root), "/bin/busybox", "uname", "-m"], env=env)
 
 
 def works(d: Daemon, root: Path) -> None:
