@@ -285,7 +285,10 @@ def install(
     with _LOCK:
         source = deb if deb is not None else fetch(cache)
         if not os.path.isfile(source):
-            raise InterpreterError(f"{source}: no such package file")
+            raise InterpreterError(
+                f"{source}: no such package file (qusd must see it: its systemd unit keeps "
+                "/home and /tmp private; /var/cache/qusd will do)"
+            )
         fields = _control(source)
         package, version = fields.get("Package", "?"), fields.get("Version", "?")
         if not package.startswith("qemu-user"):
