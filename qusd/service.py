@@ -269,6 +269,7 @@ class Service:
         replace_existing: bool = False,
         overrides: Overrides = Overrides(),
     ) -> RegisterResult:
+        self.native()  # the policy's checks follow what the host really runs
         targets = self._chosen(names)
         self.policy.check_targets(caller, targets, flags)
         items = [(self.rule_for(t, flags), t.name) for t in targets]
@@ -283,6 +284,7 @@ class Service:
         replace_existing: bool = False,
         overrides: Overrides = Overrides(),
     ) -> RegisterResult:
+        self.native()
         self.policy.check_entry(caller)
         return self._register(caller, [(rule, None)], persistent, replace_existing, overrides)
 
@@ -295,7 +297,6 @@ class Service:
         overrides: Overrides,
     ) -> RegisterResult:
         """Register rules (with their catalog target, if any), all or none."""
-        self.native()  # the host-type checks follow what the host really runs
         for rule, _ in items:
             rule.encode()
             self.policy.check_rule(
