@@ -12,6 +12,7 @@ import ctypes
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +20,15 @@ import pytest
 
 from qusd import catalog, interpreters
 from qusd.binfmt import Rule
-from tests.conftest import FOREIGN_DIR, ROOT, Sandbox, busybox_path, interpreter, needs_sandbox
+from tests.conftest import (
+    FOREIGN_DIR,
+    ROOT,
+    Daemon,
+    Sandbox,
+    busybox_path,
+    interpreter,
+    needs_sandbox,
+)
 
 pytestmark = needs_sandbox
 
@@ -272,3 +281,29 @@ def test_a_script_whose_interpreter_is_missing(sbx: Sandbox, tmp_path: Path) -> 
 def test_a_missing_file(sbx: Sandbox) -> None:
     found = doctor(sbx, "/nonexistent/prog", status=1)
     assert codes(found) == [("error", "not-found")]
+
+
+# -- with the daemon ---------------------------------------------------------------------
+
+
+def test_doctor_outside_the_daemons_sandbox_says_so(daemon: Daemon) -> None:
+    """qusd's entries live in its sandbox: a program run outside does not
+    see them. doctor, asked from outside, says so and how to run it inside;
+    asked inside, it sees the daemon's entries and what qusd manages."""
+    busybox = str(busybox_path("arm64"))
+    assert daemon.client.request("POST", "/v1/registrations", {"targets": ["arm64"]})
+    argv = [DOORS["qusctl"][0], "--socket", daemon.socket, "doctor", "--json", busybox]
+    outside = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    found = json.loads(outside.stdout)
+    note = finding(found, "sandbox")
+    assert note["level"] == "warning"
+    assert note["message"].startswith(f"qusd runs in a sandbox (pid {daemon.pid}): its entries "
+                                      "apply only to programs run inside it")  # fmt: skip
+    assert note["fix"].startswith("run the program inside: qusctl run -- PROGRAM")
+    assert "the kernel answers 'Exec format error'" in finding(found, "target")["message"]
+    inside = json.loads(daemon.inside.run(argv).stdout)
+    assert "sandbox" not in [f["code"] for f in inside]
+    assert finding(inside, "picked")["message"].startswith(
+        "the kernel hands it to qemu-aarch64 (qusd manages it)"
+    )
+    assert codes(inside)[-1] == ("info", "ok")
