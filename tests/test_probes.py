@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qusd import catalog, interpreters, probes
+from qusd.binfmt import BINPRM_BUF_SIZE
 from qusd.probes import BASE, EXPECTED_OUTPUT, EXPECTED_STATUS, ISA, Arch
 from tests.conftest import Sandbox
 
@@ -133,7 +134,7 @@ def test_readelf_agrees(tmp_path: Path, name: str) -> None:
 
 @pytest.mark.parametrize("name", TARGETS)
 def test_catalog_identifies_each_probe_as_its_own_target(name: str) -> None:
-    header = probes.program(name)[: interpreters.BINPRM_BUF_SIZE]
+    header = probes.program(name)[:BINPRM_BUF_SIZE]
     if name in probes.CATALOG_CAVEATS:
         assert BUILTIN.matching(header) == []
         return

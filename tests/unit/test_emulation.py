@@ -36,7 +36,7 @@ def test_the_family_table_and_the_settings_decide_without_probes(world: World) -
             v = infos[t.name].verdict
             assert v is not None and v.how == "family" and v.native is (t.family == svc.family)
             assert "not tried: probing is off in the settings" in v.detail
-    assert svc.policy.native_targets == {n for n, i in infos.items() if i.native}
+    assert svc.policy.native_targets == frozenset(n for n, i in infos.items() if i.native)
 
 
 def test_a_user_may_register_what_the_settings_call_foreign(world: World) -> None:
