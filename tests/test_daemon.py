@@ -743,7 +743,8 @@ def test_state_file_is_replaced_atomically_with_mode_0644(tmp_path: Path) -> Non
         set_enabled(d, "qemu-s390x", False)
         register(d, "ppc64le", persistent=False)
         d.client.request("DELETE", "/v1/registrations/qemu-aarch64")
-        assert sorted(os.listdir(d.state_dir)) == [".lock", "state.json"]  # no temp file left
+        # no temp file left; beside the state, the F interpreter files (qusd.verify)
+        assert sorted(os.listdir(d.state_dir)) == [".lock", "fixed-interpreters.json", "state.json"]
         st = os.stat(d.state_dir / "state.json")
         assert stat.S_IMODE(st.st_mode) == 0o644
         doc = json.loads((d.state_dir / "state.json").read_text())
