@@ -283,7 +283,9 @@ def _cause(
         names = ", ".join(e.name for e in disabled)
         return f"{names} is disabled: the kernel skips it; qusctl enable {disabled[0].name}"
     if own:
-        caveat = probes.CATALOG_CAVEATS.get(target.name)
+        # why a catalog rule may not match its own target's programs, if known
+        caveats: dict[str, str] = getattr(probes, "CATALOG_CAVEATS", {})
+        caveat = caveats.get(target.name)
         why = f" ({caveat})" if caveat else ""
         return (
             f"{own[0].name}'s rule does not match {target.name} programs{why}; register "
