@@ -44,8 +44,13 @@ from qusd.middleware import (
 from qusd.models import (
     EnableRequest,
     EventOut,
+    FixedOut,
     Health,
     ImportRequest,
+    InstallRequest,
+    InstallResponse,
+    InterpretersOut,
+    ProvisionedOut,
     ReconcileResponse,
     RegisterRequest,
     RegisterResponse,
@@ -54,6 +59,9 @@ from qusd.models import (
     ResetResponse,
     Status,
     TargetOut,
+    VerifyRequest,
+    VerifyResponse,
+    VerifyResult,
     printable,
 )
 from qusd.policy import RateLimiter, Role
@@ -71,6 +79,8 @@ LOCK: web.AppKey[asyncio.Lock] = web.AppKey("lock", asyncio.Lock)
 RECONCILER: web.AppKey[Reconciler] = web.AppKey("reconciler", Reconciler)
 #: the open event streams, ended when the daemon stops
 STREAMS: web.AppKey[set[stream.Listener]] = web.AppKey("streams")
+#: one verify at a time: each runs a process per target
+VERIFYING: web.AppKey[asyncio.Semaphore] = web.AppKey("verifying", asyncio.Semaphore)
 
 
 async def locked(request: web.Request, fn: Callable[P, T], *args: P.args, **kw: P.kwargs) -> T:
@@ -122,7 +132,9 @@ async def status(request: web.Request, _: None) -> web.Response:
 
 
 async def targets(request: web.Request, _: None) -> web.Response:
-    return reply([TargetOut.of(t) for t in request.app[SERVICE].targets()])
+    # the first call finds what the host runs natively: probes, off the loop
+    infos = await asyncio.to_thread(request.app[SERVICE].targets)
+    return reply([TargetOut.of(t) for t in infos])
 
 
 async def list_registrations(request: web.Request, _: None) -> web.Response:
@@ -136,6 +148,7 @@ async def get_registration(request: web.Request, _: None) -> web.Response:
 async def register(request: web.Request, req: RegisterRequest) -> web.Response:
     svc, who = request.app[SERVICE], caller(request)
     overrides = Overrides(req.force, req.allow_untrusted_interpreter)
+    await asyncio.to_thread(svc.native)  # probes, once, off the loop: the checks follow them
     if req.entry is not None:
         result = await locked(request, svc.register_entry, who, req.entry.rule(),
                               persistent=req.persistent, replace_existing=req.replace,
@@ -260,6 +273,32 @@ async def _end_streams(app: web.Application) -> None:
         listener.end()
 
 
+async def verify(request: web.Request, req: VerifyRequest) -> web.Response:
+    svc = request.app[SERVICE]
+    async with request.app[VERIFYING]:
+        checks = await asyncio.to_thread(svc.verify, req.targets)
+    results = [VerifyResult.of(c) for c in checks]
+    return reply(VerifyResponse(ok=all(r.ok for r in results), results=results))
+
+
+async def list_interpreters(request: web.Request, _: None) -> web.Response:
+    svc = request.app[SERVICE]
+    provisioned, fixed = svc.interpreters()
+    return reply(
+        InterpretersOut(
+            store=svc.config.interpreter_store or None,
+            provisioned=[ProvisionedOut.of(i) for i in provisioned],
+            fixed=[FixedOut.of(n, f) for n, f in sorted(fixed.items())],
+        )
+    )
+
+
+async def install_interpreters(request: web.Request, req: InstallRequest) -> web.Response:
+    svc = request.app[SERVICE]
+    done = await asyncio.to_thread(svc.install_interpreters, caller(request), req.targets, req.deb)
+    return reply(InstallResponse(installed=[ProvisionedOut.of(i) for i in done]), status=201)
+
+
 async def openapi(request: web.Request, _: None) -> web.Response:
     from qusd import openapi as doc  # noqa: PLC0415 - built on first request, not at start
 
@@ -279,6 +318,10 @@ def _register_names(request: web.Request, req: RegisterRequest | None) -> list[s
     if req.entry is not None:
         return [req.entry.name]
     return req.targets or ["(all foreign)"]
+
+
+def _targets(request: web.Request, req: VerifyRequest | InstallRequest | None) -> list[str]:
+    return list(req.targets or ["(registered)"]) if req is not None else []
 
 
 def _reset_scope(request: web.Request, req: ResetRequest | None) -> list[str]:
@@ -368,6 +411,16 @@ ROUTES = (
                   "daemon still holds (a 'lost' line says how many it does not)"),
                  ("keepalive", "number", "seconds between keep-alive lines on an idle stream "
                   f"(default {stream.KEEPALIVE:g})"))),
+    Route("POST", "/v1/verify", verify,
+          "Run each registered target's built-in program through the kernel (readers may)",
+          request=VerifyRequest, response=VerifyResponse,
+          errors=(400, 408, 413, 415, 422, 429, 503), audit=_targets),
+    Route("GET", "/v1/interpreters", list_interpreters,
+          "Provisioned interpreters, and the files F entries hold", response=InterpretersOut),
+    Route("POST", "/v1/interpreters", install_interpreters,
+          "Extract interpreters from a qemu-user-static package (admins)",
+          request=InstallRequest, response=InstallResponse, status=201, errors=_CHANGE,
+          audit=_targets),
     Route("GET", "/openapi.json", openapi, "This document (OpenAPI 3.1)"),
 )  # fmt: skip
 
@@ -388,6 +441,7 @@ def make_app(
     app[STREAMS] = set[stream.Listener]()
     feed.ring(service.events)  # from now on (the daemon attached it before the restore)
     app.on_shutdown.append(_end_streams)
+    app[VERIFYING] = asyncio.Semaphore(1)
     for r in ROUTES:
         app.router.add_route(r.method, r.path, r.bind())
     return app

@@ -316,6 +316,20 @@ class BinfmtMisc:
         self._require_mounted()
         return sorted(n for n in os.listdir(self.path) if n not in ("register", "status"))
 
+    def ordered_names(self) -> list[str]:
+        """Entry names newest first: the order exec tries them in. The kernel
+        adds each entry at the head of its list and lists the directory in
+        that same order (tests/test_doctor.py shows both on the real kernel)."""
+        self._require_mounted()
+        return [n for n in os.listdir(self.path) if n not in ("register", "status")]
+
+    def registered_at(self, name: str) -> int | None:
+        """When an entry was registered, in ns (its file's ctime), or None."""
+        try:
+            return os.stat(self.path / name).st_ctime_ns
+        except (OSError, ValueError):
+            return None
+
     def entries(self) -> list[Entry]:
         """Every entry, qemu or not; one removed while listing is skipped."""
         found = []

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qusd.binfmt import Rule, magic_matches
+from qusd.binfmt import Entry, Rule, magic_matches
 from qusd.errors import UnknownTargetError
 
 # target, family, magic, mask (hex), as in QEMU's scripts/qemu-binfmt-conf.sh,
@@ -256,6 +256,17 @@ class Catalog:
         if mask is None:
             return None
         return self._by_pattern.get((offset, magic, mask))
+
+    def of_entry(self, entry: Entry) -> Target | None:
+        """The target a kernel entry runs: the one with exactly its pattern,
+        else the one its qemu-<target> name names (a distribution's rules
+        differ from the catalog's in masks)."""
+        if entry.type == "M":
+            found = self.with_pattern(entry.offset, entry.magic, entry.mask)
+            if found is not None:
+                return found
+        name = target_part(entry.name)
+        return self.find(name) if name is not None else None
 
     def resolve(self, names: Iterable[str]) -> list[Target]:
         """Targets for names, in the order given, without duplicates."""

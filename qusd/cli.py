@@ -7,13 +7,14 @@ QusdError into a one-line message and the error's exit status.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from qusd import __version__, catalog, interchange, interpreters, sandbox
@@ -21,6 +22,9 @@ from qusd.binfmt import DEFAULT_PATH, BinfmtMisc, Rule
 from qusd.client import DEFAULT_SOCKET, Client, default_socket
 from qusd.errors import DaemonUnavailableError, NoSuchEntryError, QusdError
 from qusd.text import table
+
+if TYPE_CHECKING:
+    from qusd.doctor import Context, Finding
 
 
 def cmd_identify(ns: argparse.Namespace) -> int:
@@ -143,12 +147,93 @@ def cmd_targets(ns: argparse.Namespace) -> int:
             t["name"],
             t["family"],
             "yes" if t["native"] else "no",
+            t.get("native_by") or "-",
             t["interpreter"] or "-",
             "-" if t["static"] is None else "static" if t["static"] else "dynamic",
+            (t.get("provisioned") or {}).get("version", "-"),
         ]
         for t in ts
     ]
-    _out(ns, ts, table(rows, ["TARGET", "FAMILY", "NATIVE", "INTERPRETER", "LINKING"]))
+    headers = ["TARGET", "FAMILY", "NATIVE", "DECIDED", "INTERPRETER", "LINKING", "PROVISIONED"]
+    _out(ns, ts, table(rows, headers))
+    return 0
+
+
+def cmd_verify(ns: argparse.Namespace) -> int:
+    from qusd import verify  # noqa: PLC0415 - what only this command needs
+
+    body = {"targets": ns.targets} if ns.targets else {}
+    doc = Client(ns.socket, timeout=600).request("POST", "/v1/verify", body)
+    _out(ns, doc, verify.render([verify.Check.from_json(r) for r in doc["results"]]))
+    return 0 if doc["ok"] else verify.FAILED
+
+
+def cmd_doctor(ns: argparse.Namespace) -> int:
+    from qusd import doctor  # noqa: PLC0415
+
+    kernel = BinfmtMisc(ns.binfmt_path)
+    context, notes = _doctor_context(ns.socket, kernel)
+    args = ns.argv if ns.argv or ns.run else None
+    findings = notes + doctor.diagnose(ns.file, kernel, root=ns.root, args=args, context=context)
+    _out(ns, [f.to_json() for f in findings], doctor.render(findings))
+    return doctor.exit_status(findings)
+
+
+def _doctor_context(socket: str, kernel: BinfmtMisc) -> tuple[Context, list[Finding]]:
+    """What the daemon knows, when it answers: how the host runs each target,
+    the files its F entries hold, what it manages; else the local view."""
+    from qusd import doctor, native  # noqa: PLC0415
+    from qusd.errors import DaemonUnavailableError, SocketPermissionError  # noqa: PLC0415
+
+    family = catalog.family_of(catalog.host_machine())
+    client = Client(socket, timeout=60)
+    try:
+        status = client.get("/v1/status")
+    except (DaemonUnavailableError, SocketPermissionError) as e:
+        note = doctor.Finding(doctor.INFO, "daemon", f"diagnosed without qusd ({e.reason})")
+        return doctor.Context(native=native.tried_one_by_one(family, kernel)), [note]
+    verdicts = {
+        t["name"]: native.Verdict(
+            t["native"], t.get("native_by") or native.FAMILY, t.get("native_detail") or ""
+        )
+        for t in client.get("/v1/targets")
+    }
+    ctx = doctor.Context(native=native.as_function(verdicts, family))
+    notes: list[doctor.Finding] = []
+    box = status.get("sandbox")
+    if box and not sandbox.same_user_namespace(box["pid"]):
+        notes.append(doctor.Finding(doctor.WARNING, "sandbox",
+            f"qusd runs in a sandbox (pid {box['pid']}): its entries apply only to programs "
+            "run inside it; this diagnosis is of the table outside",
+            "run the program inside: qusctl run -- PROGRAM (or qusctl run -- qusctl doctor "
+            "FILE)"))  # fmt: skip
+        return ctx, notes
+    with contextlib.suppress(QusdError):
+        ctx.managed = frozenset(r["name"] for r in client.get("/v1/registrations") if r["managed"])
+    with contextlib.suppress(QusdError):
+        fixed = client.get("/v1/interpreters")["fixed"]
+        ctx.fixed = {f["entry"]: interpreters.FileId.from_json(f) for f in fixed}
+    return ctx, notes
+
+
+def cmd_interpreters(ns: argparse.Namespace) -> int:
+    client = Client(ns.socket, timeout=1800)  # a download of some 60 MB
+    if ns.action == "install":
+        body: dict[str, Any] = {"targets": ns.targets}
+        if ns.deb:
+            body["deb"] = os.path.abspath(ns.deb)
+        doc = client.request("POST", "/v1/interpreters", body)
+        items = doc["installed"]
+    else:
+        doc = client.get("/v1/interpreters")
+        items = doc["provisioned"]
+    rows = [
+        [i["path"], ",".join(i["targets"]), i["version"], i["sha256"]] for i in items
+    ]  # fmt: skip
+    human = table(rows, ["INTERPRETER", "TARGETS", "VERSION", "SHA256"]) if rows else (
+        f"no provisioned interpreters in {doc.get('store') or '(no store)'}"
+    )  # fmt: skip
+    _out(ns, doc, human)
     return 0
 
 
@@ -298,6 +383,61 @@ def _command(ns: argparse.Namespace) -> list[str]:
     return argv
 
 
+def _emulation_commands(sub: Any, daemon_cmd: Any) -> None:
+    """verify, interpreters and doctor: proving and explaining emulation."""
+    s = daemon_cmd(
+        "verify",
+        "prove that registered targets run",
+        cmd_verify,
+        "Run each registered target's built-in test program (or each TARGET's) through the "
+        "kernel, in the daemon's sandbox if it has one, and report ok or the reason it failed, "
+        "with the interpreter and the QEMU version behind it. Exit status 1 when one failed.",
+    )
+    s.add_argument("targets", nargs="*", metavar="TARGET")
+    s = sub.add_parser(
+        "interpreters",
+        help="install or list qusd's own interpreters",
+        description="qusd's own interpreter directory (interpreter_store), searched first.",
+    )
+    actions = s.add_subparsers(dest="action", metavar="ACTION", required=True)
+    i = actions.add_parser(
+        "install",
+        help="extract interpreters from qemu-user-static (admins)",
+        description="Extract only the named targets' interpreters from a qemu-user-static "
+        "package (--from FILE, or Debian's, downloaded with apt-get by the daemon into its "
+        "interpreter_cache) into the daemon's interpreter_store, recording version and sha256.",
+    )
+    i.add_argument("targets", nargs="+", metavar="TARGET")
+    i.add_argument("--from", dest="deb", metavar="FILE", help="the package file (a .deb)")
+    i.add_argument("--json", action="store_true", help="print the API's JSON")
+    i.set_defaults(func=cmd_interpreters)
+    i = actions.add_parser(
+        "list",
+        help="what interpreters install put there",
+        description="The provisioned interpreters, their version and sha256.",
+    )
+    i.add_argument("--json", action="store_true", help="print the API's JSON")
+    i.set_defaults(func=cmd_interpreters)
+    s = sub.add_parser(
+        "doctor",
+        help="say why a program does not run",
+        description="Why does FILE fail to run? Names its target, the binfmt_misc entry the "
+        "kernel would pick (newest first) or that none does, and each cause with its fix: "
+        "binfmt_misc disabled or not mounted, the entry disabled, the interpreter missing, "
+        "not executable, dynamic in a chroot, stale after an upgrade, matching itself, the "
+        "program's loader missing. Works without the daemon; uses it when it answers. Exit "
+        "status 1 when something is in the way.",
+    )
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("--root", default="/", metavar="DIR",
+                   help="the program runs chrooted to DIR (FILE is a path inside it)")  # fmt: skip
+    s.add_argument("--run", action="store_true", help="run it first (implied by -- ARGS)")
+    s.add_argument("--json", action="store_true", help="print the findings as JSON")
+    s.add_argument("--binfmt-path", default=DEFAULT_PATH, help=argparse.SUPPRESS)
+    s.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- ARGS")
+    s.set_defaults(func=cmd_doctor)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qusctl",
@@ -376,6 +516,8 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--host", metavar="MACHINE", help="judge nativeness for this `uname -m`")
     s.set_defaults(func=cmd_identify)
+
+    _emulation_commands(sub, daemon_cmd)
 
     s = sub.add_parser(
         "run",

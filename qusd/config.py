@@ -14,8 +14,9 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from qusd.binfmt import DEFAULT_PATH
+from qusd.catalog import builtin
 from qusd.errors import ConfigError
-from qusd.interpreters import DEFAULT_DIRS
+from qusd.interpreters import DEFAULT_DIRS, STORE_DIR, search_path
 
 DEFAULT_CONFIG_FILE = "/etc/qusd/qusd.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -56,6 +57,18 @@ class Config:
     rate_limit: float = 5.0
     rate_burst: int = 20
     rate_limit_admins: bool = False
+    #: find which targets the host runs itself by running their built-in
+    #: programs with no binfmt_misc entry (else: by the family table)
+    detect_native: bool = True
+    #: targets to count as run by the host itself, or as needing emulation,
+    #: whatever detection finds
+    native_targets: tuple[str, ...] = ()
+    emulated_targets: tuple[str, ...] = ()
+    #: qusd's own interpreter directory (`interpreters install` fills it),
+    #: searched before interpreter_dirs; "" for none
+    interpreter_store: str = STORE_DIR
+    #: where `interpreters install` keeps the packages it downloads
+    interpreter_cache: str = "/var/cache/qusd"
     #: where the settings came from, for `status` and error messages
     sources: tuple[str, ...] = field(default=(), compare=False)
 
@@ -81,7 +94,32 @@ class Config:
                 raise ConfigError(f"{name} must be an absolute path")
         if not self.interpreter_dirs or not all(os.path.isabs(d) for d in self.interpreter_dirs):
             raise ConfigError("interpreter_dirs must be a non-empty list of absolute paths")
+        if self.interpreter_store and not os.path.isabs(self.interpreter_store):
+            raise ConfigError('interpreter_store must be an absolute path (or "" for none)')
+        if not os.path.isabs(self.interpreter_cache):
+            raise ConfigError("interpreter_cache must be an absolute path")
+        self._check_targets()
         return self
+
+    @property
+    def search_dirs(self) -> tuple[str, ...]:
+        """Where interpreters are looked up: the store first, then interpreter_dirs."""
+        return search_path(self.interpreter_dirs, self.interpreter_store or None)
+
+    def _check_targets(self) -> None:
+        for name in ("native_targets", "emulated_targets"):
+            for target in getattr(self, name):
+                if builtin().find(target) is None:
+                    raise ConfigError(
+                        f"{name}: unknown target {target!r}; known: {', '.join(builtin().names())}"
+                    )
+        both = {builtin().get(t).name for t in self.native_targets} & {
+            builtin().get(t).name for t in self.emulated_targets
+        }
+        if both:
+            raise ConfigError(
+                f"{', '.join(sorted(both))} in both native_targets and emulated_targets"
+            )
 
 
 def _coerce(name: str, value: Any, origin: str) -> Any:

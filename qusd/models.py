@@ -21,7 +21,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from qusd import binfmt
+from qusd import binfmt, interpreters, provision, verify
 from qusd.binfmt import Entry, Rule
 from qusd.catalog import Catalog
 from qusd.errors import InvalidRuleError, QusdError
@@ -166,23 +166,70 @@ class RegisterRequest(Request):
     @field_validator("targets")
     @classmethod
     def _known(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
-        catalog: Catalog | None = (info.context or {}).get("catalog")
-        for name in value or []:
-            if any(c.isspace() or not c.isprintable() for c in name):
-                raise _invalid(f"target {name!r} has spaces or control characters")
-        if value is not None and catalog is not None:
-            for name in value:
-                try:
-                    catalog.get(name)
-                except QusdError as e:
-                    raise _invalid(e.message) from None
-        return value
+        return _known_targets(value, info)
 
     @model_validator(mode="after")
     def _one_kind(self) -> RegisterRequest:
         if self.entry is not None and (self.targets is not None or self.flags is not None):
             raise _invalid("give either targets (and flags) or entry, not both")
         return self
+
+
+def _known_targets(value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+    """Target names the catalog knows (its aliases too), printable."""
+    catalog: Catalog | None = (info.context or {}).get("catalog")
+    for name in value or []:
+        if any(c.isspace() or not c.isprintable() for c in name):
+            raise _invalid(f"target {name!r} has spaces or control characters")
+    if value is not None and catalog is not None:
+        for name in value:
+            try:
+                catalog.get(name)
+            except QusdError as e:
+                raise _invalid(e.message) from None
+    return value
+
+
+TargetName = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class VerifyRequest(Request):
+    """Run targets' built-in programs through the kernel."""
+
+    targets: list[TargetName] | None = Field(
+        None,
+        max_length=64,
+        description="catalog targets or aliases; omitted: every target an entry in the table runs",
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _known(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        return _known_targets(value, info)
+
+
+class InstallRequest(Request):
+    """Extract interpreters from a qemu-user-static package (admins)."""
+
+    targets: list[TargetName] = Field(min_length=1, max_length=64)
+    deb: Annotated[str, Field(min_length=2, max_length=4096)] | None = Field(
+        None,
+        description="a qemu-user-static .deb on the daemon's machine, as an absolute path qusd "
+        "can read; omitted: Debian's, downloaded with apt-get into interpreter_cache",
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _known(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        _known_targets(value, info)
+        return value
+
+    @field_validator("deb")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith("/") or "\0" in value):
+            raise _invalid("must be an absolute path")
+        return value
 
 
 class EnableRequest(Request):
@@ -301,29 +348,108 @@ class EventOut(BaseModel):
     lost: int | None = Field(None, description="on a lost line: how many events are gone")
 
 
+class ProvisionedOut(BaseModel):
+    """An interpreter `interpreters install` extracted, and its origin."""
+
+    path: str
+    targets: list[str]
+    package: str
+    version: str = Field(description="the package's version")
+    sha256: str = Field(description="of the interpreter file, as extracted")
+    source: str = Field(description="the package file's name")
+    installed: float = Field(description="when, in seconds since the epoch")
+
+    @classmethod
+    def of(cls, item: provision.Installed) -> ProvisionedOut:
+        return cls.model_validate(item.to_json())
+
+
 class TargetOut(BaseModel):
     name: str
     family: str
-    native: bool = Field(description="the host's own family: not registered by default")
+    native: bool = Field(description="the host runs it itself: not registered by default")
+    native_by: Literal["probe", "family", "setting"] | None = Field(
+        None,
+        description="how native was decided: its built-in program run with no binfmt_misc "
+        "entry (probe), the family table (family), native_targets/emulated_targets (setting)",
+    )
+    native_detail: str | None = Field(None, description="why, for people")
     offset: int
     magic: str
     mask: str
     interpreter: str | None
     static: bool | None = Field(description="statically linked (needed with F in containers)")
+    provisioned: ProvisionedOut | None = Field(
+        None, description="the interpreter was installed by `interpreters install`"
+    )
 
     @classmethod
     def of(cls, info: TargetInfo) -> TargetOut:
-        t = info.target
+        t, v = info.target, info.verdict
         return cls(
             name=t.name,
             family=t.family,
             native=info.native,
+            native_by=v.how if v is not None else None,  # type: ignore[arg-type]
+            native_detail=v.detail if v is not None else None,
             offset=t.offset,
             magic=t.magic.hex(),
             mask=t.mask.hex(),
             interpreter=info.interpreter.path if info.interpreter else None,
             static=info.interpreter.static if info.interpreter else None,
+            provisioned=ProvisionedOut.of(info.provisioned) if info.provisioned else None,
         )
+
+
+class VerifyResult(BaseModel):
+    target: str
+    ok: bool
+    entry: str | None = Field(description="the entry the kernel handed the program to")
+    reason: str | None = Field(description="why it failed, and the fix; or a note")
+    interpreter: str | None
+    flags: str | None
+    static: bool | None
+    qemu_version: str | None = Field(description="what `interpreter -version` says")
+    native: bool = Field(description="it ran with no entry: the host runs it itself")
+    stale: str | None = Field(description="the F interpreter file changed since registration")
+
+    @classmethod
+    def of(cls, check: verify.Check) -> VerifyResult:
+        doc = check.to_json()
+        for key in ("entry", "interpreter", "reason", "stale"):
+            if doc[key] is not None:
+                doc[key] = printable(doc[key])
+        return cls.model_validate(doc)
+
+
+class VerifyResponse(BaseModel):
+    ok: bool = Field(description="every target verified ran")
+    results: list[VerifyResult]
+
+
+class InstallResponse(BaseModel):
+    installed: list[ProvisionedOut]
+
+
+class FixedOut(BaseModel):
+    """The interpreter file an F entry was registered with (the kernel keeps it open)."""
+
+    entry: str
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, name: str, fid: interpreters.FileId) -> FixedOut:
+        return cls(entry=printable(name), **fid.to_json())
+
+
+class InterpretersOut(BaseModel):
+    store: str | None = Field(description="qusd's own interpreter directory, if any")
+    provisioned: list[ProvisionedOut]
+    fixed: list[FixedOut]
 
 
 class BinfmtStatus(BaseModel):

@@ -24,7 +24,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from qusd import __version__, catalog, interpreters, table
+from qusd import __version__, catalog, doctor, interpreters, native, provision, table, verify
 from qusd.binfmt import DEFAULT_PATH, BinfmtMisc, Entry
 from qusd.catalog import is_qemu_entry
 from qusd.errors import InterpreterError, QusdError
@@ -65,7 +65,7 @@ def register(ns: argparse.Namespace) -> list[dict[str, Any]]:
     cat = catalog.load(ns.catalog)
     family = catalog.family_of(catalog.host_machine())
     names = split_targets(ns.targets)
-    dirs = ns.interpreter_dir or interpreters.DEFAULT_DIRS
+    dirs = ns.interpreter_dir or interpreters.search_path()
     if not names or names == ["all"]:
         targets = interpreters.foreign_with_interpreters(cat, family, dirs)
         if not targets:
@@ -104,6 +104,101 @@ def reset(ns: argparse.Namespace) -> list[dict[str, Any]]:
     return [_row(e, "removed") for e in gone]
 
 
+def verify_targets(ns: argparse.Namespace) -> list[verify.Check]:
+    """Run each registered target's built-in program (or each named one's)
+    through the kernel."""
+    cat = catalog.load(ns.catalog)
+    names = split_targets(ns.targets)
+    targets = cat.resolve(names) if names else None
+    return verify.verify(_kernel(ns.binfmt_path), cat, targets)
+
+
+def show_checks(ns: argparse.Namespace, checks: list[verify.Check]) -> int:
+    if ns.json:
+        print(json.dumps([c.to_json() for c in checks], indent=2))
+    else:
+        print(verify.render(checks))
+    return 0 if all(c.ok for c in checks) else verify.FAILED
+
+
+def diagnose(ns: argparse.Namespace) -> list[doctor.Finding]:
+    """Why FILE does not run, from this process's view (nothing is mounted)."""
+    kernel = BinfmtMisc(ns.binfmt_path)
+    family = catalog.family_of(catalog.host_machine())
+    ctx = doctor.Context(native=native.tried_one_by_one(family, kernel))
+    args = ns.argv if ns.argv or ns.run else None
+    return doctor.diagnose(ns.file, kernel, root=ns.root, args=args, context=ctx)
+
+
+def show_findings(ns: argparse.Namespace, findings: list[doctor.Finding]) -> int:
+    if ns.json:
+        print(json.dumps([f.to_json() for f in findings], indent=2))
+    else:
+        print(doctor.render(findings))
+    return doctor.exit_status(findings)
+
+
+def install_interpreters(ns: argparse.Namespace) -> list[provision.Installed]:
+    """Extract the targets' interpreters from a qemu-user-static package."""
+    cat = catalog.load(ns.catalog)
+    deb = os.path.abspath(ns.deb) if ns.deb else None
+    return provision.install(cat.resolve(split_targets(ns.targets)), deb, ns.dir, ns.cache_dir)
+
+
+def show_installed(ns: argparse.Namespace, items: list[provision.Installed]) -> int:
+    if ns.json:
+        print(json.dumps([i.to_json() for i in items], indent=2))
+    else:
+        rows = [[i.path, ",".join(i.targets), i.version, i.sha256] for i in items]
+        print(text_table(rows, ["INTERPRETER", "TARGETS", "VERSION", "SHA256"]))
+    return 0
+
+
+def _emulation_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    s = sub.add_parser(
+        "verify", parents=[common], help="prove that registered targets run",
+        description="Run each registered target's built-in test program (or each TARGET's) "
+        "through the kernel and report ok or why it failed, with the interpreter and the "
+        "QEMU version behind it. Exit status 1 when one failed. Mounts binfmt_misc when it "
+        "is not.",
+    )  # fmt: skip
+    s.add_argument("targets", nargs="*", metavar="TARGET")
+    s.add_argument("--catalog", choices=["builtin", "binfmt.d"], default="builtin")
+    s.set_defaults(func=verify_targets, show=show_checks)
+    s = sub.add_parser(
+        "doctor", parents=[common], help="say why a program does not run",
+        description="Why does FILE fail to run? Its target, the entry the kernel would pick "
+        "or that none does, and each cause with its fix. Exit status 1 when something is "
+        "in the way.",
+    )  # fmt: skip
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("--root", default="/", metavar="DIR",
+                   help="the program runs chrooted to DIR (FILE is a path inside it)")  # fmt: skip
+    s.add_argument("--run", action="store_true", help="run it first (implied by -- ARGS)")
+    s.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- ARGS")
+    s.set_defaults(func=diagnose, show=show_findings)
+    s = sub.add_parser(
+        "interpreters",
+        help="install interpreters from qemu-user-static",
+        description="Interpreters extracted from qemu-user-static's package.",
+    )
+    actions = s.add_subparsers(dest="action", metavar="ACTION", required=True)
+    s = actions.add_parser(
+        "install", parents=[common], help="extract the named targets' interpreters",
+        description="Extract only the named targets' interpreters from a qemu-user-static "
+        ".deb (--from FILE, or Debian's, downloaded with apt-get into --cache-dir) into --dir, "
+        "recording version and sha256; register then finds them there first.",
+    )  # fmt: skip
+    s.add_argument("targets", nargs="+", metavar="TARGET")
+    s.add_argument("--from", dest="deb", metavar="FILE", help="the package file (a .deb)")
+    s.add_argument("--dir", default=interpreters.STORE_DIR,
+                   help=f"where to put them (default {interpreters.STORE_DIR})")  # fmt: skip
+    s.add_argument("--cache-dir", default=provision.CACHE_DIR,
+                   help=f"where the download is kept (default {provision.CACHE_DIR})")  # fmt: skip
+    s.add_argument("--catalog", choices=["builtin", "binfmt.d"], default="builtin")
+    s.set_defaults(func=install_interpreters, show=show_installed)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qusd-binfmt",
@@ -137,7 +232,8 @@ def parser() -> argparse.ArgumentParser:
         "--interpreter-dir", action="append", metavar="DIR",
         default=[d for d in os.environ.get("QUSD_INTERPRETER_DIRS", "").split(":") if d] or None,
         help="where qemu-<cpu>[-static] are (repeatable; default: $QUSD_INTERPRETER_DIRS or "
-        "/usr/bin, /usr/local/bin, /usr/libexec/qemu-binfmt)",
+        "/var/lib/qusd/interpreters (see interpreters install), /usr/bin, /usr/local/bin, "
+        "/usr/libexec/qemu-binfmt)",
     )  # fmt: skip
     s.set_defaults(func=register, empty="nothing to register")
     s = sub.add_parser("list", parents=[common], help="list every entry",
@@ -149,6 +245,7 @@ def parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     s.add_argument("--scope", choices=["qemu", "all"], default="qemu")
     s.set_defaults(func=reset, empty="nothing to remove")
+    _emulation_commands(sub, common)
     return p
 
 
@@ -156,6 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser().parse_args(argv)
     try:
         rows = ns.func(ns)
+        show = getattr(ns, "show", None)
+        if show is not None:
+            status: int = show(ns, rows)
+            return status
     except QusdError as e:
         print(f"qusd-binfmt: {e.message}", file=sys.stderr)
         return e.exit_status

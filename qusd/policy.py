@@ -112,6 +112,14 @@ class Policy:
     #: raises unless an interpreter is safe to register (the unit tests,
     #: whose files are not root's, give their own)
     check_interpreter: Callable[[str], None] = field(default_factory=lambda: check_trusted)
+    #: the targets the host runs itself, once found by trying (qusd.native);
+    #: until then, the targets of its family
+    native_targets: frozenset[str] | None = None
+
+    def is_native(self, target: Target) -> bool:
+        if self.native_targets is not None:
+            return target.name in self.native_targets
+        return target.family == self.host_family
 
     # -- roles ----------------------------------------------------------------
 
@@ -136,7 +144,9 @@ class Policy:
     def check_targets(self, caller: Caller, targets: Iterable[Target], flags: str) -> None:
         if self._require_writer(caller, "registering") is Role.ADMIN:
             return
-        check_foreign_request(targets, flags, self.host_family, self.config.user_flags)
+        check_foreign_request(
+            targets, flags, self.host_family, self.config.user_flags, is_native=self.is_native
+        )
 
     def check_entry(self, caller: Caller) -> None:
         if self._require_writer(caller, "registering") is not Role.ADMIN:
@@ -198,16 +208,16 @@ def check_foreign_request(
     *,
     who: str = "users",
     refused: str = "admin-only",
+    is_native: Callable[[Target], bool] | None = None,
 ) -> None:
     """What anyone short of an admin may register (the daemon's users, the OCI
-    hook's containers): targets of another family than the host's, whose rule
-    cannot capture the host's own programs, with harmless flags, never C or O."""
+    hook's containers): targets the host does not run itself (is_native; by
+    default, those of another family), with harmless flags, never C or O."""
     for t in targets:
-        if t.family == host_family:
-            raise ForbiddenError(
-                f"{t.name} is of the host's own family ({host_family}): {who} may "
-                "register only foreign targets"
-            )
+        if is_native(t) if is_native is not None else t.family == host_family:
+            own = t.family == host_family
+            why = f"of the host's own family ({host_family})" if own else "run natively"
+            raise ForbiddenError(f"{t.name} is {why}: {who} may register only foreign targets")
     bad = set(flags) - (set(allowed_flags) - NEVER_FOR_USERS)
     if bad:
         allowed = "".join(sorted(set(allowed_flags) - NEVER_FOR_USERS)) or "none"

@@ -84,14 +84,17 @@ def _write_maps(pid: str, uid: int, gid: int, identity: bool) -> None:
         _write_file(f"/proc/{pid}/gid_map", f"0 {gid} 1\n")
 
 
-def create(binfmt_path: str = DEFAULT_PATH) -> None:
-    """Move this (single-threaded) process into a new sandbox."""
+def create(binfmt_path: str = DEFAULT_PATH, identity: bool | None = None) -> None:
+    """Move this (single-threaded) process into a new sandbox. identity: map
+    every id to itself (the default for root) rather than only our own to
+    root (which works anywhere, even in a sandbox that maps only one id)."""
     reason = unsupported_reason()
     if reason:
         raise SandboxError(f"cannot make a sandbox: {reason}")
     libc = _libc()
     uid, gid = os.getuid(), os.getgid()
-    identity = uid == 0
+    if identity is None:
+        identity = uid == 0
     if identity:
         # Only a process with CAP_SETUID in the parent namespace may write a
         # map of more than one id, so a helper left outside writes it.
@@ -146,6 +149,15 @@ def enter(pid: int) -> None:
         os.chdir(cwd)
     except OSError:
         os.chdir("/")
+
+
+def same_user_namespace(pid: int) -> bool:
+    """Whether process pid is in our user namespace (sees our binfmt_misc
+    table); True when that cannot be told."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/user").st_ino == os.stat("/proc/self/ns/user").st_ino
+    except OSError:
+        return True
 
 
 def command(argv: Sequence[str], binfmt_path: str = DEFAULT_PATH) -> list[str]:

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from qusd import __version__, interpreters, table
+from qusd import __version__, interpreters, native, provision, table, verify
 from qusd.binfmt import BinfmtMisc, Entry, Rule
-from qusd.catalog import Catalog, Target, family_of, host_machine, is_qemu_entry, target_part
+from qusd.catalog import Catalog, Target, family_of, host_machine, is_qemu_entry
 from qusd.config import Config
-from qusd.errors import NoSuchEntryError, NotMountedError, QusdError
+from qusd.errors import ForbiddenError, NoSuchEntryError, NotMountedError, QusdError
 from qusd.events import Events
+from qusd.interpreters import FileId
+from qusd.native import Verdict
 from qusd.policy import Caller, Policy, Role, native_headers
 from qusd.state import Record, State
 from qusd.table import Action, Transaction, Want
@@ -30,6 +33,8 @@ RESET_SCOPES = ("managed", "qemu", "all")
 #: the temporary entry that serves an F entry's programs while it is
 #: registered again with an upgraded interpreter (swap_interpreter)
 SWAP_NAME = "qusd-swap"
+#: real programs of the host's, which no rule may capture
+HOST_SAMPLES = ("/proc/self/exe", "/bin/sh")
 _TRANSIENT = ("conflict:", "restore:")
 
 
@@ -94,6 +99,10 @@ class TargetInfo:
     target: Target
     native: bool
     interpreter: interpreters.Interpreter | None
+    #: how native was decided (a probe, the family table, a setting)
+    verdict: Verdict | None = None
+    #: the interpreter came from `interpreters install`: its package and sha256
+    provisioned: provision.Installed | None = None
 
 
 class Service:
@@ -112,7 +121,7 @@ class Service:
         self.state = state
         self.catalog = catalog
         self.config = config or Config()
-        self.interpreter_dirs = self.config.interpreter_dirs
+        self.interpreter_dirs = self.config.search_dirs
         self.sandbox_pid = sandbox_pid
         self.events = events or Events(log)
         self.machine = host_machine()
@@ -121,10 +130,12 @@ class Service:
             self.config,
             self.family,
             catalog,
-            native_headers(catalog, self.family, ["/proc/self/exe", "/bin/sh"]),
+            native_headers(catalog, self.family, HOST_SAMPLES),
         )
         #: (code, message) pairs for /v1/status: conflicts, corrupt state, ...
         self.warnings: dict[str, str] = {f"state:{i}": w for i, w in enumerate(state.warnings)}
+        self._native: dict[str, Verdict] | None = None
+        self._native_lock = threading.Lock()
 
     # -- start-up ---------------------------------------------------------
 
@@ -272,8 +283,8 @@ class Service:
         one the kernel opened when qusd registered it."""
         if rec is None or rec.stamp is None or "F" not in rec.rule.flags:
             return False
-        now = interpreters.stamp(rec.rule.interpreter)
-        return now is not None and now != rec.stamp
+        now = FileId.of(rec.rule.interpreter)
+        return now is not None and not rec.stamp.same_file(now)
 
     def follow_interpreters(self, report: RestoreReport) -> None:
         """F entries keep the interpreter file they opened at registration: after
@@ -287,8 +298,8 @@ class Service:
         for name, rec in self.state.records.items():
             if "F" not in rec.rule.flags:
                 continue
-            now = interpreters.stamp(rec.rule.interpreter)
-            if now is None or now == rec.stamp:
+            now = FileId.of(rec.rule.interpreter)
+            if now is None or (rec.stamp is not None and rec.stamp.same_file(now)):
                 continue  # a missing file is restore's to report
             entry = self.kernel.get(name)
             if entry is None or entry.rule() != rec.rule:
@@ -335,12 +346,7 @@ class Service:
     # -- reading ----------------------------------------------------------
 
     def _target_of(self, entry: Entry) -> str | None:
-        if entry.type == "M":
-            found = self.catalog.with_pattern(entry.offset, entry.magic, entry.mask)
-            if found is not None:
-                return found.name
-        name = target_part(entry.name)
-        found = self.catalog.find(name) if name is not None else None
+        found = self.catalog.of_entry(entry)
         return found.name if found is not None else None
 
     def _view(self, entry: Entry) -> Registration:
@@ -361,10 +367,14 @@ class Service:
         return self._view(self.kernel.entry(name))
 
     def targets(self) -> list[TargetInfo]:
-        return [
-            TargetInfo(t, t.family == self.family, interpreters.find(t, self.interpreter_dirs))
-            for t in self.catalog
-        ]
+        verdicts = self.native()
+        stored = self._stored()
+        out = []
+        for t in self.catalog:
+            found = interpreters.find(t, self.interpreter_dirs)
+            v = verdicts[t.name]
+            out.append(TargetInfo(t, v.native, found, v, stored.get(found.path) if found else None))
+        return out
 
     # -- mutations ----------------------------------------------------------
 
@@ -377,8 +387,9 @@ class Service:
         the host's that has an interpreter (what qus and QEMU's script do)."""
         if names is not None:
             return self.catalog.resolve(names)
+        verdicts = self.native()
         return interpreters.foreign_with_interpreters(
-            self.catalog, self.family, self.interpreter_dirs
+            self.catalog, self.family, self.interpreter_dirs, lambda t: verdicts[t.name].native
         )
 
     def register_targets(
@@ -391,6 +402,7 @@ class Service:
         replace_existing: bool = False,
         overrides: Overrides = Overrides(),
     ) -> RegisterResult:
+        self.native()  # the policy's checks follow what the host really runs
         targets = self._chosen(names)
         self.policy.check_targets(caller, targets, flags)
         items = [(self.rule_for(t, flags), t.name) for t in targets]
@@ -405,6 +417,7 @@ class Service:
         replace_existing: bool = False,
         overrides: Overrides = Overrides(),
     ) -> RegisterResult:
+        self.native()
         self.policy.check_entry(caller)
         return self._register(caller, [(rule, None)], persistent, replace_existing, overrides)
 
@@ -463,7 +476,7 @@ class Service:
                 enabled,
                 target,
                 owned,
-                stamp or interpreters.stamp(change.rule.interpreter),
+                stamp or FileId.of(change.rule.interpreter),
             )
         changing = plan.of(Action.ADD, Action.REPLACE)
         table.apply(self.kernel, changing, save=lambda: self._save(records))
@@ -571,6 +584,75 @@ class Service:
             },
             "warnings": [{"code": k.split(":")[0], "message": v} for k, v in self.warnings.items()],
         }
+
+    # -- emulation: what the host runs, proving entries, interpreters ---------
+
+    def native(self) -> dict[str, Verdict]:
+        """Whether the host runs each target itself, found once by trying
+        (qusd.native; the settings override it); the policy follows it. The
+        first call runs the probes: call it off the event loop."""
+        with self._native_lock:
+            if self._native is None:
+                cfg = self.config
+                self._native = native.detect(
+                    self.catalog, self.family, native_targets=cfg.native_targets,
+                    emulated_targets=cfg.emulated_targets, probe=cfg.detect_native,
+                    kernel=self.kernel,
+                )  # fmt: skip
+                own = [t for t in self.catalog if self._native[t.name].native]
+                self.policy.native_targets = frozenset(t.name for t in own)
+                self.policy.native_headers = native_headers(
+                    Catalog(tuple(own)), self.family, HOST_SAMPLES
+                )
+            return self._native
+
+    def verify(self, names: Sequence[str] | None = None) -> list[verify.Check]:
+        """Run each registered target's built-in program (or the named
+        targets') through the kernel, in a child of this process (so in its
+        sandbox, when there is one). Blocks: call it off the event loop."""
+        if "not-mounted" in self.warnings and not self.kernel.is_mounted():
+            self._require_mounted()  # says why qusd could not mount it
+        targets = self.catalog.resolve(names) if names is not None else None
+        return verify.verify(self.kernel, self.catalog, targets, self.fixed())
+
+    def install_interpreters(
+        self, caller: Caller, names: Sequence[str], deb: str | None = None
+    ) -> list[provision.Installed]:
+        """Admins: extract the targets' interpreters from a qemu-user-static
+        package (default: Debian's, downloaded) into the interpreter store.
+        Blocks for the download: call it off the event loop."""
+        if self.policy.role(caller) is not Role.ADMIN:
+            raise ForbiddenError(
+                f"installing interpreters is admin-only (members of {self.config.admin_group!r})"
+            )
+        store = self.config.interpreter_store
+        if not store:
+            raise ForbiddenError("no interpreter_store is set in the settings: nowhere to install")
+        done = provision.install(
+            self.catalog.resolve(names), deb, store, self.config.interpreter_cache
+        )
+        for item in done:
+            log.info("uid %d installed %s (%s %s, sha256 %s)", caller.uid, item.path,
+                     item.package, item.version, item.sha256)  # fmt: skip
+        return done
+
+    def interpreters(self) -> tuple[list[provision.Installed], dict[str, FileId]]:
+        """The provisioned interpreters, and the files F entries hold."""
+        stored = self._stored()
+        return [stored[p] for p in sorted(stored)], self.fixed()
+
+    def fixed(self) -> dict[str, FileId]:
+        """The interpreter file each F entry qusd registered holds open, as
+        recorded when it was registered."""
+        return {
+            n: r.stamp
+            for n, r in self.state.records.items()
+            if r.stamp is not None and "F" in r.rule.flags
+        }
+
+    def _stored(self) -> dict[str, provision.Installed]:
+        store = self.config.interpreter_store
+        return provision.manifest(store) if store else {}
 
 
 def _as_entry(rule: Rule) -> Entry:

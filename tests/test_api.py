@@ -49,7 +49,10 @@ REG_KEYS = set(
     "name enabled type offset magic mask extension interpreter flags "
     "managed persistent target".split()
 )
-TARGET_KEYS = set("name family native offset magic mask interpreter static".split())
+TARGET_KEYS = set(
+    "name family native native_by native_detail offset magic mask interpreter static "
+    "provisioned".split()
+)
 STATUS_KEYS = set(
     "version kernel machine family binfmt_misc sandbox catalog state_file counts warnings".split()
 )

@@ -547,7 +547,8 @@ rm "$r/usr/local/sbin/systemctl"; rmdir "$r/run/systemd/system"
 ch dpkg --purge qusd-trigger-test >/dev/null 2>&1
 echo "== purge"; ch dpkg --purge qusd 2>&1
 echo "== after"
-for p in usr/lib/qusd etc/qusd usr/bin/qusd usr/bin/qusctl usr/bin/qusd-binfmt usr/bin/qusd-oci-hook \
+for p in usr/lib/qusd etc/qusd usr/bin/qusd usr/bin/qusctl usr/bin/qusd-binfmt \
+        usr/bin/qusd-oci-hook \
         usr/share/containers/oci/hooks.d/qusd-emulate.json \
         lib/systemd/system/qusd.service \
         etc/systemd/system/multi-user.target.wants/qusd.service \

@@ -372,7 +372,7 @@ def test_an_upgraded_interpreter_is_followed(spawn: Spawn, tmp_path: Path) -> No
     reg = d.client.get("/v1/registrations/qemu-aarch64")
     assert reg["interpreter_stale"] is False and reg["managed"] is True
     assert set(defs(d)) == {"qemu-aarch64"}  # the bridge entry is gone
-    assert "interpreter_stamp" in json.loads((d.state_dir / "state.json").read_text())[
+    assert "interpreter_file" in json.loads((d.state_dir / "state.json").read_text())[
         "registrations"][0]  # fmt: skip
 
 

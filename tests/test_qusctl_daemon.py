@@ -232,15 +232,19 @@ def test_status(daemon: Daemon) -> None:
 
 def test_targets(daemon: Daemon) -> None:
     out = ok(qusctl(daemon.socket, "targets"))
-    assert out.splitlines()[0].split() == ["TARGET", "FAMILY", "NATIVE", "INTERPRETER", "LINKING"]
+    assert out.splitlines()[0].split() == [
+        "TARGET", "FAMILY", "NATIVE", "DECIDED", "INTERPRETER", "LINKING", "PROVISIONED"
+    ]  # fmt: skip
     rows = {r["TARGET"]: r for r in parse_table(out)}
     assert list(rows) == catalog.builtin().names()
     assert rows["aarch64"] == {
         "TARGET": "aarch64",
         "FAMILY": "arm",
         "NATIVE": "no",
+        "DECIDED": "probe",
         "INTERPRETER": interpreter("aarch64"),
         "LINKING": "static",
+        "PROVISIONED": "-",
     }
     host = catalog.family_of(catalog.host_machine())
     for t in catalog.builtin():

@@ -6,9 +6,17 @@ set -eu
 DEST="${1:-.cache/foreign}"
 ARCHS="${FOREIGN_ARCHS:-arm64 armhf armel ppc64el s390x mips64el i386}"
 
+# And, for the loader tests, a dynamically linked arm64 program (Debian's
+# busybox) and the arm64 C library it needs, unpacked in a tree of its own.
+EXTRAS="${FOREIGN_EXTRAS-arm64}"
+
 todo=""
 for a in $ARCHS; do [ -x "$DEST/$a/busybox" ] || todo="$todo $a"; done
-[ -z "$todo" ] && exit 0
+extras=""
+for a in $EXTRAS; do
+    [ -x "$DEST/$a/busybox-dynamic" ] && [ -d "$DEST/$a/libc6" ] || extras="$extras $a"
+done
+[ -z "$todo$extras" ] && exit 0
 
 if [ "$(id -u)" != 0 ]; then
     echo "fetch: need root to add the dpkg architectures for:$todo" >&2
@@ -18,7 +26,7 @@ fi
 
 known="$(dpkg --print-architecture) $(dpkg --print-foreign-architectures | tr '\n' ' ')"
 added=0
-for a in $todo; do
+for a in $todo $extras; do
     case " $known " in *" $a "*) ;; *) dpkg --add-architecture "$a"; added=1 ;; esac
 done
 
@@ -31,21 +39,38 @@ trap 'rm -rf "$work"' EXIT
 chmod 755 "$work"   # apt's sandbox user must be able to write here
 
 download() {
-    (cd "$work" && apt-get download -qq "busybox-static:$1") 2>"$work/err"
+    (cd "$work" && apt-get download -qq "$1") 2>"$work/err"
 }
-for a in $todo; do
-    # A mirror in mid-sync can fail one index; update (again) and retry.
+# A mirror in mid-sync can fail one index; update (again) and retry.
+fetch() {
     tries=0
-    until download "$a"; do
+    until download "$1"; do
         tries=$((tries + 1))
         if [ "$tries" -gt 3 ]; then
             cat "$work/err" >&2
-            echo "fetch: could not download busybox-static:$a" >&2
+            echo "fetch: could not download $1" >&2
             exit 1
         fi
         apt-get update -qq >/dev/null 2>&1 || true
         sleep "$tries"
     done
+}
+for a in $extras; do
+    fetch "busybox:$a"
+    fetch "libc6:$a"
+    rm -rf "$DEST/$a/libc6" "$work/x-$a"
+    mkdir -p "$DEST/$a"
+    dpkg-deb -x "$(ls "$work"/busybox_*_"$a".deb)" "$work/x-$a"
+    cp "$work/x-$a/bin/busybox" "$DEST/$a/busybox-dynamic.tmp"
+    chmod 755 "$DEST/$a/busybox-dynamic.tmp"
+    dpkg-deb -x "$(ls "$work"/libc6_*_"$a".deb)" "$DEST/$a/libc6.tmp"
+    mv "$DEST/$a/libc6.tmp" "$DEST/$a/libc6"
+    mv "$DEST/$a/busybox-dynamic.tmp" "$DEST/$a/busybox-dynamic"
+    rm -f "$work"/busybox_*_"$a".deb "$work"/libc6_*_"$a".deb
+    echo "fetch: $DEST/$a/busybox-dynamic, $DEST/$a/libc6"
+done
+for a in $todo; do
+    fetch "busybox-static:$a"
     deb="$(ls "$work"/busybox-static_*_"$a".deb)"
     dpkg-deb -x "$deb" "$work/x-$a"
     mkdir -p "$DEST/$a"

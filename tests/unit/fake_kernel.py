@@ -92,6 +92,13 @@ class FakeKernel(BinfmtMisc):
         self._need_mount()
         return sorted(self.table)
 
+    def ordered_names(self) -> list[str]:
+        self._need_mount()
+        return list(reversed(self.table))  # newest first, as the kernel
+
+    def registered_at(self, name: str) -> int | None:
+        return None
+
     def entry(self, name: str) -> Entry:
         self._need_mount()
         try:

@@ -17,6 +17,7 @@ from qusd import feed, interchange, stream
 from qusd.binfmt import Rule
 from qusd.errors import InvalidRuleError
 from qusd.events import Events
+from qusd.interpreters import FileId
 from qusd.service import SWAP_NAME, RestoreReport
 from qusd.state import Record, State
 from qusd.watch import IN_DELETE, IN_IGNORED, IN_MODIFY, IN_UNMOUNT, Notice, OwnWrites, TableWatch
@@ -288,7 +289,7 @@ def test_import_refuses_what_is_broken(tmp_path: Path) -> None:
 
 
 def test_record_stamp_survives_the_state_file(tmp_path: Path) -> None:
-    r = Record(Rule("x", "/bin/x", magic=b"\x01"), stamp=(1, 2, 3, 4))
+    r = Record(Rule("x", "/bin/x", magic=b"\x01"), stamp=FileId(1, 2, 3, 4, 5))
     State(tmp_path).save({"x": r, "y": replace(r, rule=replace(r.rule, name="y"), stamp=None)})
     back = State.load(tmp_path).records
-    assert back["x"].stamp == (1, 2, 3, 4) and back["y"].stamp is None
+    assert back["x"].stamp == FileId(1, 2, 3, 4, 5) and back["y"].stamp is None
