@@ -47,7 +47,7 @@ NO_BODY: Final[Any] = object()
 #: the keys of a registration, as every route returns one
 REG_KEYS = set(
     "name enabled type offset magic mask extension interpreter flags "
-    "managed persistent target".split()
+    "managed persistent target interpreter_stale".split()
 )
 TARGET_KEYS = set(
     "name family native native_by native_detail offset magic mask interpreter static "
@@ -438,6 +438,7 @@ async def test_get_one_registration(api: Api, daemon: Daemon) -> None:
         "managed": True,
         "persistent": True,
         "target": "aarch64",
+        "interpreter_stale": False,
     }
     assert (aarch64["interpreter"], aarch64["flags"]) == (interpreter("aarch64"), "F")
     problem = await refused(
@@ -593,6 +594,7 @@ async def test_register_custom_entries(api: Api, daemon: Daemon) -> None:
         "managed": True,
         "persistent": True,
         "target": None,
+        "interpreter_stale": False,
     }
     done = await ok(
         api, "POST", "/v1/registrations", {"entry": ext, "persistent": False}, status=201
