@@ -64,6 +64,13 @@ class Run:
     done: set[str]  # boots whose checks all ran
     output: str  # run.sh's, with its exit status
 
+    def stopped_at(self, boot: str) -> str | None:
+        """The first step of boot that did not report its end."""
+        return next(
+            (n for n in NAMES if n.startswith(f"{boot}/") and not self.steps.get(n, Step()).result),
+            None,
+        )
+
     def console_tail(self, boot: str, n: int = 40) -> str:
         log = OUT / f"console-{boot}.log"
         lines = log.read_text(errors="replace").splitlines() if log.exists() else []
@@ -115,12 +122,14 @@ def vm() -> Run:
 @pytest.mark.parametrize("name", NAMES)
 def test_step(vm: Run, name: str) -> None:
     boot = name.split("/", 1)[0]
-    step = vm.steps.get(name)
-    if step is None:
-        pytest.fail(f"{name} was not reported\n{vm.output}\n{vm.console_tail(boot)}")
+    step = vm.steps.get(name, Step())
     text = "\n".join(step.lines)
     if not step.result:
-        pytest.fail(f"{name} never ended:\n{text}\n{vm.output}\n{vm.console_tail(boot)}")
+        first = vm.stopped_at(boot)
+        if first != name:  # that step's test shows the logs
+            pytest.fail(f"{name} was not reported: the checks of {boot} stopped at {first}")
+        how = "never ended" if name in vm.steps else "was not reported"
+        pytest.fail(f"{name} {how}:\n{text}\n{vm.output}\n{vm.console_tail(boot)}")
     assert step.result == "ok", f"{name} failed in the VM:\n{text}"
 
 
@@ -147,3 +156,31 @@ def test_figures(vm: Run) -> None:
     # the restart came from the watchdog: not before WatchdogSec
     watchdog = details("boot2/watchdog")
     assert float(watchdog["restarted_after_s"]) >= float(watchdog["watchdog"].removesuffix("s"))
+
+
+def test_parse_report() -> None:
+    """The host's reading of check.sh's report (no VM needed): serial line
+    ends, output between the lines, details, a step cut short."""
+    report = (
+        "[   12.3] noise before\r\n"
+        "qusd-vm: begin boot2/binfmt-restart\r\n"
+        "# systemctl restart systemd-binfmt\r\n"
+        "qusd-vm: end boot2/binfmt-restart ok back_after_s=1.2,3.4 bound_s=6.0\r\n"
+        "qusd-vm: begin boot2/sigkill\r\n"
+        "FAIL: not restarted after 60 s\r\n"
+        "qusd-vm: end boot2/sigkill FAIL step_s=60.1\r\n"
+        "qusd-vm: begin boot2/watchdog\r\n"
+        "# kill -STOP 786\r\n"
+    )
+    steps: dict[str, Step] = {}
+    done: set[str] = set()
+    parse(report, steps, done)
+    assert list(steps) == ["boot2/binfmt-restart", "boot2/sigkill", "boot2/watchdog"]
+    ok, failed, cut = steps.values()
+    assert (ok.result, ok.lines) == ("ok", ["# systemctl restart systemd-binfmt"])
+    assert ok.details == {"back_after_s": "1.2,3.4", "bound_s": "6.0"}
+    assert (failed.result, failed.lines) == ("FAIL", ["FAIL: not restarted after 60 s"])
+    assert (cut.result, cut.lines) == ("", ["# kill -STOP 786"])
+    assert done == set()
+    parse("qusd-vm: done boot2\n", steps, done)
+    assert done == {"boot2"}

@@ -83,8 +83,10 @@ step() {  # step NAME FUNCTION: run it in a subshell, report its result
     : >"$here/detail"
     t0=$(now)
     echo "qusd-vm: begin $boot/$name"
-    ( set -eu; "$@" ) 2>&1  # not in a || list: that would turn set -e off
-    rc=$?
+    # Not in a || list, which would turn set -e off; through a pipe, so that
+    # no progress meter sees a terminal.
+    ( set -eu; "$@" ) 2>&1 | cat
+    rc=${PIPESTATUS[0]}
     local result=ok
     if [ "$rc" != 0 ]; then
         result=FAIL

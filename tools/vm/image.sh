@@ -70,7 +70,12 @@ TimeoutStartSec=infinity
 WantedBy=multi-user.target
 EOF
 chroot "$root" systemctl enable -q qusd-vmtest.service
+# Offline: no timer may take dpkg's lock while the checks install, and the
+# package lists would only be stale (and cost apt 20 s to parse under TCG;
+# what qusd depends on is installed, which is all apt needs).
+chroot "$root" systemctl disable -q apt-daily.timer apt-daily-upgrade.timer
 chroot "$root" apt-get clean
+rm -rf "$root"/var/lib/apt/lists/*
 
 cp "$root"/boot/vmlinuz-* "$tmp/vmlinuz"
 cp "$root"/boot/initrd.img-* "$tmp/initrd.img"
