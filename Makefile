@@ -6,7 +6,7 @@ CACHE  := .cache
 FOREIGN := $(CACHE)/foreign
 export QUSD_FOREIGN_DIR := $(abspath $(FOREIGN))
 
-.PHONY: all setup test test-unit lint run clean deb
+.PHONY: all setup test test-unit test-vm lint run clean deb
 
 all: test
 
@@ -56,6 +56,15 @@ test: setup $(DEB)
 test-unit: $(VENV)/.installed
 	QUSD_NO_SKIPS=1 $(BIN)/python -m pytest -q tests/unit
 
+# The boot path in a real Debian 12 (tools/vm, tests/test_vm.py): the package
+# installed with apt-get, two boots under qemu-system-x86_64 -accel tcg, the
+# promises of README's "Running under systemd" checked inside, one result per
+# step. The base image is built once per version of tools/vm/image.sh, in
+# /var/cache/qusd-test/vm; `make test` runs this too.
+test-vm: setup $(DEB)
+	$(BIN)/python -m pytest tests/test_vm.py $(PYTEST_ARGS)
+	@grep -ah '^qusd-vm: end' build/vm/report-*.log | tr -d '\r'
+
 # The daemon in a sandbox with its own binfmt_misc; socket and state in ./run.
 run: setup
 	@sh tools/run.sh
@@ -67,4 +76,4 @@ lint: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) $(CACHE) run .pytest_cache .mypy_cache .ruff_cache .hypothesis
-	rm -rf build/deb $(DEB)
+	rm -rf build/deb build/vm $(DEB)
