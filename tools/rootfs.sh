@@ -17,7 +17,8 @@
 # named after its inputs (this script, suite, arch, packages, mirror), so a
 # fresh clone on the same machine reuses it; concurrent callers wait on a lock.
 #
-# Like Docker's slim images it has no documentation, man pages or locales.
+# Like Docker's slim images it has no documentation, man pages or locales,
+# and /usr is merged where the suite has usr-is-merged (bookworm and later).
 # It has no /dev entries: a container runtime makes /dev, and device nodes
 # cannot be created when an image is unpacked in a user namespace.
 #
@@ -87,7 +88,7 @@ build() {
     if [ -n "$include" ]; then set -- "$@" -- mmdebstrap --include="$include"; else set -- "$@" -- mmdebstrap; fi
     PYTHONPATH="$root" "$py" -m qusd.cli sandbox "$@" \
         --variant=minbase --arch="$arch" --format=tar --skip=output/dev \
-        --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
+        --hook-dir=/usr/share/mmdebstrap/hooks/maybe-merged-usr \
         --dpkgopt='path-exclude=/usr/share/man/*' \
         --dpkgopt='path-exclude=/usr/share/info/*' \
         --dpkgopt='path-exclude=/usr/share/doc/*' \
