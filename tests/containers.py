@@ -33,7 +33,8 @@ from qusd import catalog, sandbox
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("QUSD_CACHE_DIR", "/var/cache/qusd-test"))
 STORE = CACHE / "containers"
-RUNROOT = Path("/run/qusd-test/containers")
+#: podman's run-time state, one per store (it records the pair)
+RUNROOT = Path("/run/qusd-test") / hashlib.sha256(str(STORE).encode()).hexdigest()[:12]
 CONTAINERFILE = ROOT / "packaging" / "container" / "Containerfile"
 ROOTFS = ROOT / "tools" / "rootfs.sh"
 FUSE_OVERLAYFS = "/usr/bin/fuse-overlayfs"
