@@ -222,33 +222,31 @@ def _key(*parts: str) -> str:
 def image(engine: Engine, target: str, arch: str) -> str:
     """The Containerfile's stage `target` (python, register or full) built
     for arch on the local base, with buildah; built once per change of the
-    Containerfile or of qusd's modules. A foreign arch is built in a qusd
-    sandbox that registered qusd's own emulation for it."""
+    Containerfile or of qusd's modules. The build runs in a qusd sandbox, so
+    no RUN step can reach the host's binfmt_misc table; for a foreign arch
+    the sandbox registered qusd's own emulation, which runs the RUN steps."""
     base_image = base(engine, arch)
-    build = ["build", "--isolation", "chroot", "--network", "host", "--layers", "--pull=never",
+    native = catalog.family_of(arch) == catalog.family_of(catalog.host_machine())
+    # In the sandbox's user namespace the kernel's overlayfs cannot rename
+    # the directories dpkg unpacks; fuse-overlayfs can.
+    build = [*sandbox_command(None if native else arch),
+             "buildah", "--storage-opt", f"overlay.mount_program={FUSE_OVERLAYFS}",
+             "build", "--isolation", "chroot", "--network", "host", "--layers", "--pull=never",
              "--platform", PLATFORM[arch], "-f", str(CONTAINERFILE),
              "--build-arg", f"BASE={base_image}", "--target", target]  # fmt: skip
-    tag = f"localhost/qusd-binfmt:{target}-{arch}-{_key(*build)}"
-    native = catalog.family_of(arch) == catalog.family_of(catalog.host_machine())
-    if native:
-        argv = ["buildah", *build, "-t", tag, str(ROOT)]
-    else:
-        # In the sandbox's user namespace the kernel's overlayfs cannot
-        # rename directories dpkg unpacks; fuse-overlayfs can.
-        fuse = f"overlay.mount_program={FUSE_OVERLAYFS}"
-        argv = [*sandbox_command(arch), "buildah", "--storage-opt", fuse, *build, "-t", tag]
-        argv.append(str(ROOT))
+    tag = f"localhost/qusd-binfmt:{target}-{arch}-{_key(*build[build.index('buildah') :])}"
     with _locked():
         if not engine.exists(tag):
-            engine.check(argv, timeout=1800)
+            engine.check([*build, "-t", tag, str(ROOT)], timeout=1800)
             _prune(engine, f"localhost/qusd-binfmt:{target}-{arch}-", keep=tag)
     return tag
 
 
-def sandbox_command(arch: str) -> list[str]:
-    """The command prefix that runs something in a new sandbox with arch's
-    QEMU target registered (qusctl sandbox --register)."""
-    return [sys.executable, "-m", "qusd.cli", "sandbox", "--register", arch, "--"]
+def sandbox_command(arch: str | None) -> list[str]:
+    """The command prefix that runs something in a new sandbox, with arch's
+    QEMU target registered (qusctl sandbox --register) if given."""
+    register = ["--register", arch] if arch else []
+    return [sys.executable, "-m", "qusd.cli", "sandbox", *register, "--"]
 
 
 def _prune(engine: Engine, prefix: str, keep: str, newest: int = 2) -> None:
