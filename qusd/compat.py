@@ -276,15 +276,9 @@ def github_action(env: Mapping[str, str], binfmt_path: str = DEFAULT_PATH) -> in
 
     if todo and not errors:
         existed = set(kernel.names())
-        argv = [
-            "--binfmt-path",
-            binfmt_path,
-            "--json",
-            "register",
-            "--flags",
-            flags,
-            *(["--replace"] if replace else []),
-        ]
+        argv = ["--binfmt-path", binfmt_path, "--json", "register", "--flags", flags]
+        if replace:
+            argv.append("--replace")
         status, stdout, stderr = _oneshot(*argv, "--", *(t.name for t in todo))
         if status == 0:
             rows = {r["name"]: r for r in json.loads(stdout)}
@@ -304,7 +298,7 @@ def github_action(env: Mapping[str, str], binfmt_path: str = DEFAULT_PATH) -> in
         _annotate(message)
 
     if env.get("GITHUB_OUTPUT"):
-        status, stdout, stderr = _oneshot("--binfmt-path", binfmt_path, "--json", "list")
+        status, stdout, _ = _oneshot("--binfmt-path", binfmt_path, "--json", "list")
         _set_output(env["GITHUB_OUTPUT"], "registrations", stdout.strip() if status == 0 else "[]")
         try:
             after = kernel.entries()
