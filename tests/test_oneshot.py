@@ -1,5 +1,6 @@
-"""qusd-binfmt (the container image's entrypoint) and the GitHub Action's
-script, run on the real kernel in sandboxes, outside any container."""
+"""qusd-binfmt (the container image's entrypoint), run on the real kernel in
+sandboxes, outside any container (the image itself: test_image.py; the
+GitHub Action: test_action.py)."""
 
 from __future__ import annotations
 
@@ -115,32 +116,6 @@ def test_needs_only_the_standard_library() -> None:
     }
     assert needed - {"__main__"} == copied
     assert 'ENTRYPOINT ["python3", "-m", "qusd.oneshot"]' in containerfile
-
-
-def test_github_action_script(sbx: Sandbox, tmp_path: Path) -> None:
-    action = (ROOT / "action.yml").read_text()
-    assert "targets:" in action and "packaging/action/register.sh" in action
-    out = tmp_path / "github_output"
-    tmp_path.chmod(0o755)
-    env = {
-        **ENV,
-        "PYTHON": sys.executable,
-        "QUSD_SKIP_INSTALL": "1",
-        "QUSD_TARGETS": "aarch64\n  riscv64 \n\n",  # a YAML block's trailing newline
-        "QUSD_FLAGS": "F",
-        "GITHUB_OUTPUT": str(out),
-    }
-    script = str(ROOT / "packaging/action/register.sh")
-    res = sbx.run(["sh", script], env=env)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "qemu-aarch64" in res.stdout and "qemu-riscv64" in res.stdout
-    text = out.read_text()
-    payload = text.split("registrations<<QUSD_EOF\n", 1)[1].rsplit("QUSD_EOF", 1)[0]
-    assert [r["name"] for r in json.loads(payload)] == ["qemu-aarch64", "qemu-riscv64"]
-
-    res = sbx.run(["sh", script], env={**env, "QUSD_TARGETS": "vax"})
-    assert res.returncode == 1
-    assert res.stdout.startswith("::error title=qusd binfmt::qusd-binfmt: unknown target 'vax'")
 
 
 def test_the_kernel_refusing_the_second_rule_puts_the_table_back(

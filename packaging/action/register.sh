@@ -1,34 +1,71 @@
 #!/bin/sh
-# The GitHub Action's step: register QUSD_TARGETS with QUSD_FLAGS, run each
-# target's test program through the kernel (unless QUSD_VERIFY=false), print
-# the resulting table, fail the step with an annotation on any error.
-# QUSD_SKIP_INSTALL=1 skips installing qemu-user-static (tests, prepared hosts).
+# The GitHub Action's step: action.yml's `run:` executes exactly this script,
+# with the inputs in QUSD_TARGETS, QUSD_PLATFORMS, QUSD_FLAGS, QUSD_REPLACE,
+# QUSD_VERIFY.
+#
+# As root (a container job) it runs as it is; otherwise through the runner's
+# passwordless sudo. When the runner has no static QEMU interpreter (or no
+# python3) it installs qemu-user-static (and python3) with apt-get, output
+# shown in a log group. Then qusd.compat registers, prints every outcome as a
+# table, runs each target's built-in test program through the kernel (unless
+# QUSD_VERIFY=false), annotates each failure and sets the `registrations` and
+# `platforms` outputs. Any failure fails the step (exit 1) with an `::error` annotation.
 set -u
 here="$(cd "$(dirname "$0")/../.." && pwd)"
-py="${PYTHON:-python3}"
-fail() { echo "::error title=qusd binfmt::$1"; exit 1; }
+fail() {
+    echo "::error title=qusd binfmt::$1"
+    exit 1
+}
 
-if [ "${QUSD_SKIP_INSTALL:-0}" != 1 ] && ! ls /usr/bin/qemu-*-static >/dev/null 2>&1; then
+# The Python the job would use (actions/setup-python's, or the system's),
+# found before sudo resets PATH.
+py="${QUSD_PYTHON:-$(command -v python3 || true)}"
+export QUSD_PYTHON="$py"
+
+if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null 2>&1 \
+        || fail "registering binfmt_misc entries needs root, and $(id -un) is not root and there is no sudo: run the job as root or install sudo"
+    sudo -n true >/dev/null 2>&1 \
+        || fail "registering binfmt_misc entries needs root, and sudo asks $(id -un) for a password: allow passwordless sudo (as GitHub's runners do) or run the job as root"
+    exec sudo -n --preserve-env=QUSD_TARGETS,QUSD_PLATFORMS,QUSD_FLAGS,QUSD_REPLACE,QUSD_VERIFY,QUSD_PYTHON,GITHUB_OUTPUT,GITHUB_ACTIONS \
+        sh "$0"
+fi
+
+# qusd-binfmt runs on Python >= 3.10; say so before changing anything.
+check_python() {
+    "$1" -c 'import sys; sys.exit(sys.version_info < (3, 10))' >/dev/null 2>&1 \
+        || fail "qusd binfmt needs Python 3.10 or later, and $1 is $("$1" -V 2>&1 | head -n 1): use a newer runner image or run actions/setup-python before this step"
+}
+[ -z "$py" ] || check_python "$py"
+
+have_qemu() {
+    for f in /usr/bin/qemu-*-static /usr/local/bin/qemu-*-static; do
+        [ -x "$f" ] && return 0
+    done
+    return 1
+}
+need=""
+[ -n "$py" ] || need="python3"
+have_qemu || need="$need qemu-user-static"
+if [ -n "$need" ]; then
+    command -v apt-get >/dev/null 2>&1 \
+        || fail "missing$([ -n "$py" ] || echo ' python3 and') static QEMU interpreters, and no apt-get to install$need: install them before this step"
+    echo "::group::apt-get install$need"
     export DEBIAN_FRONTEND=noninteractive
-    { apt-get update -qq && apt-get install -y -qq qemu-user-static; } >/dev/null \
-        || fail "could not install qemu-user-static with apt-get"
+    apt-get update || echo "::warning title=qusd binfmt::apt-get update reported errors; trying the install anyway"
+    # shellcheck disable=SC2086
+    if ! apt-get install -y --no-install-recommends $need; then
+        echo "::endgroup::"
+        fail "apt-get could not install$need (its output is in the group above)"
+    fi
+    echo "::endgroup::"
+    if [ -z "$py" ]; then
+        py="$(command -v python3)" || fail "python3 is still missing after apt-get install python3"
+        check_python "$py"
+    fi
 fi
 
-# One argument: qusd-binfmt splits it on spaces, commas and newlines itself,
-# so a trailing newline from a YAML block is harmless.
-if ! out="$(PYTHONPATH="$here" "$py" -m qusd.oneshot register --flags "${QUSD_FLAGS:-F}" -- "${QUSD_TARGETS:-}" 2>&1)"; then
-    fail "$(echo "$out" | tail -n 1)"
-fi
-echo "$out"
-# Prove it: each target's built-in test program through the kernel.
-if [ "${QUSD_VERIFY:-true}" = true ]; then
-    if ! checked="$(PYTHONPATH="$here" "$py" -m qusd.oneshot verify -- "${QUSD_TARGETS:-}" 2>&1)"; then
-        echo "$checked"
-        fail "verify: $(echo "$checked" | grep -m 1 -E '^[a-z0-9_]+: ' || echo "$checked" | tail -n 1)"
-    fi
-    echo "$checked"
-fi
-json="$(PYTHONPATH="$here" "$py" -m qusd.oneshot --json list)" || fail "could not list binfmt_misc"
-if [ -n "${GITHUB_OUTPUT:-}" ]; then
-    { echo "registrations<<QUSD_EOF"; echo "$json"; echo "QUSD_EOF"; } >> "$GITHUB_OUTPUT"
-fi
+# From the Action's own directory: `-m` puts the working directory first on
+# sys.path, and the job's workspace may hold anything.
+cd "$here" || fail "cannot enter $here"
+PYTHONPATH="$here" exec "$py" -m qusd.compat github-action
