@@ -299,8 +299,8 @@ def github_action(env: Mapping[str, str], binfmt_path: str = DEFAULT_PATH) -> in
         emulated = [o.target for o in outcomes if o.result != "native"]
         checks = verify.verify(kernel, cat, emulated) if emulated else []
         if checks:
-            print(verify.render(checks), flush=True)
-        errors += [f"verify {c.target}: {c.reason}" for c in checks if not c.ok]
+            print("\n" + verify.render(checks), flush=True)
+        errors += [f"verify: {c.target}: {c.reason}" for c in checks if not c.ok]
     for message in errors:
         _annotate(message)
 

@@ -114,8 +114,8 @@ def test_register_only_image_uses_the_hosts_interpreters(
     assert res.returncode == 72, res.stdout + res.stderr
     assert res.stderr.strip().splitlines() == [
         "qusd-binfmt: no interpreter for aarch64: no qemu-aarch64-static or qemu-aarch64 in "
-        "/usr/bin, /usr/local/bin, /usr/libexec/qemu-binfmt; use an image with interpreters, "
-        "or mount a host directory and pass --interpreter-dir"
+        "/var/lib/qusd/interpreters, /usr/bin, /usr/local/bin, /usr/libexec/qemu-binfmt; use an "
+        "image with interpreters, or mount a host directory and pass --interpreter-dir"
     ]
     assert box.kernel.names() == []
 
