@@ -29,6 +29,7 @@ from qusd.binfmt import DEFAULT_PATH, BinfmtMisc, Entry
 from qusd.catalog import is_qemu_entry
 from qusd.errors import InterpreterError, QusdError
 from qusd.table import Action, Want
+from qusd.text import reader_gone
 from qusd.text import table as text_table
 
 INTERPRETER_FIX = (
@@ -66,7 +67,7 @@ def register(ns: argparse.Namespace) -> list[dict[str, Any]]:
     family = catalog.family_of(catalog.host_machine())
     names = split_targets(ns.targets)
     dirs = ns.interpreter_dir or interpreters.DEFAULT_DIRS
-    if not names or names == ["all"]:
+    if catalog.wants_all(names):
         targets = interpreters.foreign_with_interpreters(cat, family, dirs)
         if not targets:
             raise InterpreterError(
@@ -159,13 +160,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QusdError as e:
         print(f"qusd-binfmt: {e.message}", file=sys.stderr)
         return e.exit_status
-    if ns.json:
-        print(json.dumps(rows, indent=2))
-    elif rows:
-        cells = [[r["name"], r["flags"] or "-", r["result"], r["interpreter"]] for r in rows]
-        print(text_table(cells, ["NAME", "FLAGS", "RESULT", "INTERPRETER"]))
-    else:
-        print(ns.empty)
+    except KeyboardInterrupt:
+        return 130
+    try:
+        if ns.json:
+            print(json.dumps(rows, indent=2))
+        elif rows:
+            cells = [[r["name"], r["flags"] or "-", r["result"], r["interpreter"]] for r in rows]
+            print(text_table(cells, ["NAME", "FLAGS", "RESULT", "INTERPRETER"]))
+        else:
+            print(ns.empty)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        reader_gone()
     return 0
 
 

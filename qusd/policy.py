@@ -31,6 +31,12 @@ from qusd.errors import ForbiddenError, HostTypeError, InterpreterError, Untrust
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
 NGROUPS_MAX = 65536
 NEVER_FOR_USERS = frozenset("CO")
+#: why users may never ask for these flags
+FLAG_RISKS = {
+    "C": "C runs the interpreter with the binary's set-uid credentials (root's, for a "
+    "root-owned set-uid program)",
+    "O": "O hands the interpreter an open descriptor of programs its user may not read",
+}
 
 
 class Role(enum.Enum):
@@ -142,12 +148,16 @@ class Policy:
                     f"{t.name} is of the host's own family ({self.host_family}): users may "
                     "register only foreign targets"
                 )
-        bad = set(flags) - (set(self.config.user_flags) - NEVER_FOR_USERS)
+        allowed = set(self.config.user_flags) - NEVER_FOR_USERS
+        bad = sorted(set(flags) - allowed)
         if bad:
-            allowed = "".join(sorted(set(self.config.user_flags) - NEVER_FOR_USERS)) or "none"
+            why = [FLAG_RISKS.get(f, f"{f} is not in this daemon's user_flags setting")
+                   for f in bad]  # fmt: skip
+            usable = "".join(sorted(allowed))
+            instead = f"--flags {usable}" if usable else "--flags ''"
             raise ForbiddenError(
-                f"flag(s) {''.join(sorted(bad))} are admin-only (users may use: {allowed}); "
-                "C runs the interpreter with the binary's set-uid credentials"
+                f"flag(s) {''.join(bad)} are admin-only (users may use: {usable or 'none'}): "
+                f"{'; '.join(why)}; register with {instead} or ask an admin"
             )
 
     def check_entry(self, caller: Caller) -> None:
@@ -184,9 +194,16 @@ class Policy:
         may override each explicitly."""
         admin = self.role(caller) is Role.ADMIN
         if force and not admin:
-            raise ForbiddenError("force is admin-only")
+            raise ForbiddenError(
+                "force is admin-only (qusctl register --force): only admins may register a "
+                "rule that matches the host's own programs"
+            )
         if allow_untrusted and not admin:
-            raise ForbiddenError("allow_untrusted_interpreter is admin-only")
+            raise ForbiddenError(
+                "allow_untrusted_interpreter is admin-only (qusctl register "
+                "--allow-untrusted-interpreter): only admins may register an interpreter others "
+                "could replace"
+            )
         if not force:
             self.check_host_types(rule)
         if not allow_untrusted:
@@ -197,8 +214,8 @@ class Policy:
             if rule.matches(header):
                 raise HostTypeError(
                     f"{rule.name} would match the host's own programs ({self.host_family} "
-                    "ELF): every exec on the machine would go to its interpreter; an admin "
-                    "may pass force if that is really meant"
+                    "ELF): every exec on the machine would go to its interpreter; if that is "
+                    "really meant, an admin may force it (qusctl register --force)"
                 )
 
 
@@ -262,8 +279,8 @@ def check_trusted(path: str) -> None:
         st = os.stat(real)
     except FileNotFoundError:
         raise InterpreterError(
-            f"interpreter {path} does not exist: install it first (admins may pass "
-            "allow_untrusted_interpreter to register it before it exists, without F)"
+            f"interpreter {path} does not exist: install it first (an admin may register "
+            "it before it exists, without F, with qusctl register --allow-untrusted-interpreter)"
         ) from None
     except OSError as e:
         raise InterpreterError(f"interpreter {path}: {e.strerror}") from None

@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 
 def table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> str:
@@ -20,3 +24,17 @@ def table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> str:
 def plural(n: int, word: str, words: str | None = None) -> str:
     """ "1 entry", "2 entries": counts people read."""
     return f"{n} {word if n == 1 else words or word + 's'}"
+
+
+def reader_gone() -> NoReturn:
+    """The reader of stdout went away (`qusctl list --json | head`): end
+    quietly, by SIGPIPE, as a C tool does (a shell sees 141), with no
+    traceback and no flush error at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    sys.exit(128 + signal.SIGPIPE)  # not reached: SIGPIPE's default ends the process
