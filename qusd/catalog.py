@@ -218,6 +218,12 @@ def wants_all(names: Sequence[str] | None) -> bool:
     return True
 
 
+def completion_names() -> list[str]:
+    """What a shell offers where a target goes: QEMU's names, the aliases
+    and "all"."""
+    return [*builtin().names(), *sorted(ALIASES), ALL]
+
+
 def canonical_name(name: str) -> str:
     """Map an alias (arm64, linux/arm/v7, ppc64el, ...) to a catalog target name."""
     n = name.strip().lower()

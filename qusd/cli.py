@@ -19,7 +19,7 @@ from qusd.binfmt import DEFAULT_PATH, BinfmtMisc
 from qusd.client import DEFAULT_SOCKET, Client, default_socket
 from qusd.errors import HostTypeError, InterpreterError, QusdError
 from qusd.policy import native_headers
-from qusd.text import reader_gone, table
+from qusd.text import DIRECTORY, FILE, complete, reader_gone, table, words
 
 
 def cmd_identify(ns: argparse.Namespace) -> int:
@@ -227,33 +227,8 @@ def _command(ns: argparse.Namespace) -> list[str]:
     return argv
 
 
-#: What an argument names, for the shell completion shtab generates from
-#: this parser (packaging: qusd.completion); argparse ignores it.
-FILE, DIRECTORY = "file", "directory"
-
-
-def complete(action: argparse.Action, what: Any) -> argparse.Action:
-    action.complete = what  # type: ignore[attr-defined]
-    return action
-
-
-def words(name: str, values: Sequence[str]) -> dict[str, Any]:
-    """A completion from a fixed list of words, in shtab's per-shell form."""
-    joined = " ".join(values)
-    return {
-        "bash": f"_qusd_{name}",
-        "zsh": f"({joined})",
-        "fish": f"(printf '%s\\n' {joined})",
-        "tcsh": f"({joined})",
-        "preamble": {"bash": f'_qusd_{name}() {{\n  compgen -W "{joined}" -- "$1"\n}}\n'},
-    }
-
-
-#: target names: QEMU's, the common aliases, and "all"
-TARGETS = words(
-    "targets",
-    [*catalog.builtin().names(), *sorted(catalog.ALIASES), catalog.ALL],
-)
+#: target names, for the shell completion (qusd.text.complete)
+TARGETS = words("targets", catalog.completion_names())
 
 
 def global_options(p: argparse.ArgumentParser, sub: bool) -> None:

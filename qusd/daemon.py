@@ -26,6 +26,7 @@ from qusd.config import Config
 from qusd.errors import QusdError, SocketInUseError
 from qusd.service import Service
 from qusd.state import State
+from qusd.text import DIRECTORY, FILE, complete
 
 log = logging.getLogger("qusd")
 
@@ -35,11 +36,6 @@ SETTINGS = (
     "socket", "state_dir", "binfmt_path", "interpreter_dirs", "catalog",
     "reconcile_interval", "log_level", "sandbox",
 )  # fmt: skip
-FILE, DIRECTORY = "file", "directory"  # for shell completion (shtab); argparse ignores them
-
-
-def _complete(action: argparse.Action, what: str) -> None:
-    action.complete = what  # type: ignore[attr-defined]
 
 
 def settings_options(p: argparse.ArgumentParser, sub: bool) -> None:
@@ -51,7 +47,7 @@ def settings_options(p: argparse.ArgumentParser, sub: bool) -> None:
     def add(*args: str, what: str | None = None, **kw: Any) -> None:
         action = p.add_argument(*args, default=none, **kw)
         if what is not None:
-            _complete(action, what)
+            complete(action, what)
 
     add(
         "--config",
@@ -121,7 +117,7 @@ def parser() -> argparse.ArgumentParser:
         "environment, options), validate them with the same code, and print the result as "
         "a settings file; on a bad setting, name it and exit 78. Changes nothing.",
     )  # fmt: skip
-    _complete(
+    complete(
         c.add_argument(
             "file", nargs="?", metavar="FILE",
             help="the settings file to check (default: --config, $QUSD_CONFIG or "

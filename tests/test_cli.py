@@ -177,12 +177,12 @@ def test_a_closed_pipe_ends_quietly_by_sigpipe() -> None:
         res = closed_pipe([QUSCTL, *args])
         assert (res.returncode, res.stderr) == (-signal.SIGPIPE, b""), res.stderr.decode()
     # and as people meet it, in a shell pipeline: head reads one line
-    res = subprocess.run(
+    shell = subprocess.run(
         ["bash", "-o", "pipefail", "-c", f'{QUSCTL} identify --json "$@" | head -n 1', "bash",
          *files * 500],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
-    assert (res.returncode, res.stdout, res.stderr) == (128 + signal.SIGPIPE, "[\n", "")
+    assert (shell.returncode, shell.stdout, shell.stderr) == (128 + signal.SIGPIPE, "[\n", "")
 
 
 def test_commands_run_in_a_sandbox_get_sigpipe_back() -> None:
