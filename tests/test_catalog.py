@@ -38,9 +38,12 @@ def test_builtin_equals_the_reference_table() -> None:
         rows = list(csv.DictReader(f, delimiter="\t"))
     assert [r["target"] for r in rows] == BUILTIN.names()
     for row, t in zip(rows, BUILTIN, strict=True):
+        magic, mask = catalog.unescape(row["magic"]), catalog.unescape(row["mask"])
+        if t.name == "microblaze":  # the one deliberate fix (tests/test_probes.py shows why)
+            magic, mask = magic[:16] + b"\x00\x02" + magic[18:], mask[:16] + b"\xff\xfe" + mask[18:]
         assert t.family == row["family"]
-        assert t.magic == catalog.unescape(row["magic"])
-        assert t.mask == catalog.unescape(row["mask"])
+        assert t.magic == magic
+        assert t.mask == mask
 
 
 def test_interpreter_cpu() -> None:
