@@ -53,7 +53,7 @@ mkdir -p "$stage"
 # man pages (debian/qusd.manpages), and the pins debian/rules installs with.
 tar -cf - --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' \
     pyproject.toml README.md qusd systemd packaging/qusd.toml packaging/constraints.txt \
-    docs/man | tar -xf - -C "$stage"
+    packaging/completions.sh docs/man | tar -xf - -C "$stage"
 # debian/ links to the units in systemd/: copy what they point at.
 cp -RL packaging/debian "$stage/debian"
 for f in control changelog copyright; do

@@ -29,7 +29,7 @@ from qusd.binfmt import DEFAULT_PATH, BinfmtMisc, Entry
 from qusd.catalog import is_qemu_entry
 from qusd.errors import InterpreterError, QusdError
 from qusd.table import Action, Want
-from qusd.text import reader_gone
+from qusd.text import DIRECTORY, complete, reader_gone, words
 from qusd.text import table as text_table
 
 INTERPRETER_FIX = (
@@ -125,21 +125,21 @@ def parser() -> argparse.ArgumentParser:
         "is left unchanged, another definition of the same name is an error unless "
         "--replace. Mounts binfmt_misc when it is not.",
     )  # fmt: skip
-    s.add_argument(
+    complete(s.add_argument(
         "targets", nargs="*", metavar="TARGET",
         help="targets or aliases (aarch64, arm64, linux/arm/v7); several per argument may be "
         "separated by spaces, commas or newlines; none or 'all': every target of another "
         "family than the host's that has an interpreter",
-    )  # fmt: skip
+    ), words("targets", catalog.completion_names()))  # fmt: skip
     s.add_argument("--flags", default="F", help="binfmt_misc flags (default F; C is never implied)")
     s.add_argument("--replace", action="store_true", help="overwrite other definitions")
     s.add_argument("--catalog", choices=["builtin", "binfmt.d"], default="builtin")
-    s.add_argument(
+    complete(s.add_argument(
         "--interpreter-dir", action="append", metavar="DIR",
         default=[d for d in os.environ.get("QUSD_INTERPRETER_DIRS", "").split(":") if d] or None,
         help="where qemu-<cpu>[-static] are (repeatable; default: $QUSD_INTERPRETER_DIRS or "
         "/usr/bin, /usr/local/bin, /usr/libexec/qemu-binfmt)",
-    )  # fmt: skip
+    ), DIRECTORY)  # fmt: skip
     s.set_defaults(func=register, empty="nothing to register")
     s = sub.add_parser("list", parents=[common], help="list every entry",
                        description="List every binfmt_misc entry, qemu or not.")  # fmt: skip

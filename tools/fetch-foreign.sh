@@ -1,6 +1,11 @@
 #!/bin/sh
 # Fetch Debian's busybox-static for the foreign architectures the tests run,
 # into DEST/<debian-arch>/busybox. Idempotent: present files are kept.
+#
+# apt downloads a foreign package only once dpkg knows the architecture
+# (dpkg --add-architecture) and apt has its index: that changes the machine,
+# needs root, and is said before it is done. Once that is done (by root,
+# once), anyone may fetch: `apt-get download` writes only into DEST.
 set -eu
 
 DEST="${1:-.cache/foreign}"
@@ -10,19 +15,38 @@ todo=""
 for a in $ARCHS; do [ -x "$DEST/$a/busybox" ] || todo="$todo $a"; done
 [ -z "$todo" ] && exit 0
 
-if [ "$(id -u)" != 0 ]; then
-    echo "fetch: need root to add the dpkg architectures for:$todo" >&2
-    echo "fetch: run make as root once, or put the binaries at $DEST/<arch>/busybox" >&2
-    exit 1
-fi
-
-known="$(dpkg --print-architecture) $(dpkg --print-foreign-architectures | tr '\n' ' ')"
-added=0
+known=" $(dpkg --print-architecture) $(dpkg --print-foreign-architectures | tr '\n' ' ') "
+unknown=""
 for a in $todo; do
-    case " $known " in *" $a "*) ;; *) dpkg --add-architecture "$a"; added=1 ;; esac
+    case "$known" in *" $a "*) ;; *) unknown="$unknown $a" ;; esac
 done
 
-if [ "$added" = 1 ]; then
+# apt has an index of busybox-static for arch a (apt-get update was run since
+# the architecture was added).
+indexed() { apt-cache show "busybox-static:$1" >/dev/null 2>&1; }
+unindexed=""
+for a in $todo; do
+    case " $unknown " in *" $a "*) ;; *) indexed "$a" || unindexed="$unindexed $a" ;; esac
+done
+
+if [ -n "$unknown$unindexed" ]; then
+    if [ "$(id -u)" != 0 ]; then
+        [ -n "$unknown" ] && echo "fetch: dpkg does not know the architectures:$unknown" >&2
+        [ -n "$unindexed" ] && echo "fetch: apt has no index of busybox-static for:$unindexed" >&2
+        cmd=""
+        for a in $unknown; do cmd="${cmd}dpkg --add-architecture $a; "; done
+        echo "fetch: that takes root, once for the machine: sudo sh -c '${cmd}apt-get update'" >&2
+        echo "fetch: (then make again), or put the binaries at $DEST/<arch>/busybox" >&2
+        exit 1
+    fi
+    if [ -n "$unknown" ]; then
+        echo "fetch: this changes the machine: adding the dpkg foreign architectures$unknown"
+        echo "fetch: (dpkg --add-architecture; apt can then download their packages, nothing"
+        echo "fetch: of them is installed; undo: dpkg --remove-architecture ARCH), then apt-get update"
+        for a in $unknown; do dpkg --add-architecture "$a"; done
+    else
+        echo "fetch: apt-get update: apt has no index of busybox-static for:$unindexed"
+    fi
     apt-get update -qq >/dev/null 2>&1 || echo "fetch: apt-get update reported errors" >&2
 fi
 
@@ -34,7 +58,7 @@ download() {
     (cd "$work" && apt-get download -qq "busybox-static:$1") 2>"$work/err"
 }
 for a in $todo; do
-    # A mirror in mid-sync can fail one index; update (again) and retry.
+    # A mirror in mid-sync can fail one index; update (again, as root) and retry.
     tries=0
     until download "$a"; do
         tries=$((tries + 1))
@@ -43,7 +67,7 @@ for a in $todo; do
             echo "fetch: could not download busybox-static:$a" >&2
             exit 1
         fi
-        apt-get update -qq >/dev/null 2>&1 || true
+        if [ "$(id -u)" = 0 ]; then apt-get update -qq >/dev/null 2>&1 || true; fi
         sleep "$tries"
     done
     deb="$(ls "$work"/busybox-static_*_"$a".deb)"

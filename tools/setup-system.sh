@@ -11,10 +11,11 @@ need() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed" 
 # the real peers and consumers the tests use: qemu-user (a dynamic
 # interpreter), podman, buildah, uidmap and crun (images and containers, also
 # rootless), mmdebstrap and debootstrap (base images, the VM's root),
-# qemu-system-x86 (the boot test), lintian (the package), inotify-tools.
+# qemu-system-x86 (the boot test), lintian (the package), inotify-tools;
+# bash-completion, zsh and fish (the shell completion, completed by each).
 for pkg in qemu-user-static libsystemd-dev pkg-config gcc util-linux curl systemd passwd make groff-base \
     qemu-user podman buildah uidmap crun fuse-overlayfs slirp4netns mmdebstrap debootstrap \
-    qemu-system-x86 lintian inotify-tools; do
+    qemu-system-x86 lintian inotify-tools bash-completion zsh fish; do
     need "$pkg"
 done
 # The interpreter that builds the venv needs its headers (systemd-python
