@@ -14,6 +14,7 @@ import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
+from urllib.parse import quote
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -129,13 +130,17 @@ async def register(request: web.Request, req: RegisterRequest) -> web.Response:
         result = await locked(request, svc.register_targets, who, req.targets, flags,
                               persistent=req.persistent, replace_existing=req.replace,
                               overrides=overrides)  # fmt: skip
-    return reply(
+    response = reply(
         RegisterResponse(
             registered=[RegistrationOut.of(r) for r in result.registered],
             unchanged=[RegistrationOut.of(r) for r in result.unchanged],
         ),
         status=201,
     )
+    made = [printable(r.entry.name) for r in result.registered]
+    one = f"/{quote(made[0], safe='')}" if len(made) == 1 else ""
+    response.headers["Location"] = f"/v1/registrations{one}"  # the entry, or the collection
+    return response
 
 
 async def patch_registration(request: web.Request, req: EnableRequest) -> web.Response:
@@ -158,7 +163,8 @@ async def reset(request: web.Request, req: ResetRequest) -> web.Response:
 async def openapi(request: web.Request, _: None) -> web.Response:
     from qusd import openapi as doc  # noqa: PLC0415 - built on first request, not at start
 
-    return web.Response(text=doc.document_json(), content_type="application/json")
+    text = doc.document_json(request.app[SERVICE].catalog)
+    return web.Response(text=text, content_type="application/json")
 
 
 # -- what each route audits ----------------------------------------------------------
