@@ -1,5 +1,6 @@
 """A small synchronous client for the daemon's API (stdlib only, so qusctl
-starts fast). A problem response becomes the QusdError of its code."""
+starts fast). A problem response becomes the QusdError of its code.
+`qusd.client.AsyncClient` is the typed async one (aiohttp, pydantic models)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,27 @@ import http.client
 import json
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qusd.errors import DaemonUnavailableError, QusdError, SocketPermissionError
 
+if TYPE_CHECKING:
+    from qusd.async_client import AsyncClient
+
+__all__ = ["DEFAULT_SOCKET", "AsyncClient", "Client", "default_socket", "unreachable"]
+
 DEFAULT_SOCKET = "/run/qusd/qusd.sock"
+
+
+def __getattr__(name: str) -> Any:
+    """AsyncClient, the typed async client (qusd.async_client), brings
+    aiohttp and the API's models: loaded only when asked for, so qusctl
+    starts as fast as before."""
+    if name == "AsyncClient":
+        from qusd.async_client import AsyncClient  # noqa: PLC0415
+
+        return AsyncClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def default_socket() -> str:
