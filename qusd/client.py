@@ -8,7 +8,8 @@ import http.client
 import json
 import os
 import socket
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from qusd.errors import DaemonUnavailableError, QusdError, SocketPermissionError
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_SOCKET", "AsyncClient", "Client", "default_socket", "unreachable"]
 
 DEFAULT_SOCKET = "/run/qusd/qusd.sock"
+T = TypeVar("T")
 
 
 def __getattr__(name: str) -> Any:
@@ -103,32 +105,69 @@ class Client:
     def request(self, method: str, path: str, body: Any = None) -> Any:
         """The decoded JSON answer (None for 204); QusdError on any failure."""
         conn = _UnixConnection(self.path, self.timeout)
+        try:
+            resp = self._send(conn, method, path, body)
+            raw = self._guard(resp.read)
+        finally:
+            conn.close()
+        return _decode(resp, raw)
+
+    def stream(self, path: str, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Each line of a newline-delimited JSON answer (GET /v1/events), as
+        it arrives, until the daemon ends the stream; QusdError on failure."""
+        conn = _UnixConnection(self.path, self.timeout)
+        try:
+            resp = self._send(conn, "GET", path, None)
+            if resp.status >= 400:
+                _decode(resp, self._guard(resp.read))
+            assert conn.sock is not None
+            conn.sock.settimeout(timeout)
+            while True:
+                raw = self._guard(resp.readline)
+                if not raw:
+                    return
+                if raw.strip():
+                    yield json.loads(raw)
+        finally:
+            conn.close()
+
+    def _send(
+        self, conn: _UnixConnection, method: str, path: str, body: Any
+    ) -> http.client.HTTPResponse:
         headers = {"Accept": "application/json"}
         data = None
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        try:
+
+        def send() -> http.client.HTTPResponse:
             conn.request(method, path, body=data, headers=headers)
-            resp = conn.getresponse()
-            raw = resp.read()
+            return conn.getresponse()
+
+        return self._guard(send)
+
+    def _guard(self, fn: Callable[[], T]) -> T:
+        """fn(), its socket and HTTP failures as the errors that name the fix."""
+        try:
+            return fn()
         except OSError as e:
             raise unreachable(self.path, e) from None
         except http.client.HTTPException as e:
             raise DaemonUnavailableError(
                 f"{self.path} answered something that is not HTTP ({e!r}): is it qusd's socket?"
             ) from None
-        finally:
-            conn.close()
-        if resp.status == 204 or not raw:
-            return None
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            raise QusdError(f"qusd answered {resp.status} with a body that is not JSON") from None
-        if resp.status >= 400:
-            raise QusdError.from_problem(doc, resp.status)
-        return doc
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)
+
+
+def _decode(resp: http.client.HTTPResponse, raw: bytes) -> Any:
+    if resp.status == 204 or not raw:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise QusdError(f"qusd answered {resp.status} with a body that is not JSON") from None
+    if resp.status >= 400:
+        raise QusdError.from_problem(doc, resp.status)
+    return doc

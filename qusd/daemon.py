@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
-from qusd import __version__, catalog, config, sandbox, systemd_glue
+from qusd import __version__, catalog, config, feed, sandbox, systemd_glue
 from qusd.binfmt import BinfmtMisc
 from qusd.config import Config
 from qusd.errors import QusdError, SocketInUseError
@@ -150,13 +150,15 @@ def check_config(cfg: Config) -> str:
 
 
 def build_service(cfg: Config, sandbox_pid: int | None = None) -> Service:
-    return Service(
+    svc = Service(
         BinfmtMisc(cfg.binfmt_path),
         State.load(cfg.state_dir),
         catalog.load(cfg.catalog),
         cfg,
         sandbox_pid=sandbox_pid,
     )
+    feed.ring(svc.events)  # the event stream's memory starts with the restore
+    return svc
 
 
 def bind_unix(path: str, mode: int, group: str | None = None) -> socket.socket:

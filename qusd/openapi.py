@@ -71,10 +71,16 @@ def document(cat: Catalog | None = None) -> dict[str, Any]:
             "operationId": r.handler.__name__,
             "responses": {},
         }
-        if "{name}" in r.path:
-            op["parameters"] = [
-                {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
-            ]
+        params = [
+            {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+        ] if "{name}" in r.path else []  # fmt: skip
+        params += [
+            {"name": q, "in": "query", "required": False, "schema": {"type": kind},
+             "description": about}
+            for q, kind, about in r.query
+        ]  # fmt: skip
+        if params:
+            op["parameters"] = params
         if r.request is not None:
             op["requestBody"] = {
                 "required": not _takes_empty(r.request),
@@ -86,7 +92,7 @@ def document(cat: Catalog | None = None) -> dict[str, Any]:
                 schema = {"type": "array", "items": schema}
             op["responses"][str(r.status)] = {
                 "description": r.summary,
-                "content": {"application/json": {"schema": schema}},
+                "content": {r.media: {"schema": schema}},
             }
         else:
             op["responses"][str(r.status)] = {"description": r.summary}

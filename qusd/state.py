@@ -37,6 +37,9 @@ class Record:
     #: against other definitions that come back (a distribution's binfmt.d
     #: rules, which systemd-binfmt registers at every boot and restart)
     owned: bool = False
+    #: the interpreter file an F entry holds open (interpreters.stamp, taken
+    #: when qusd registered it): another file there now means an upgrade
+    stamp: tuple[int, int, int, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         r = self.rule
@@ -53,6 +56,7 @@ class Record:
             "enabled": self.enabled,
             "target": self.target,
             "owned": self.owned,
+            **({"interpreter_stamp": list(self.stamp)} if self.stamp is not None else {}),
         }
 
     @classmethod
@@ -70,7 +74,16 @@ class Record:
         rule = rule.normalized()
         target = d.get("target")
         owned = _typed(d, "owned", bool) if "owned" in d else False
-        return cls(rule, _typed(d, "persistent", bool), _typed(d, "enabled", bool), target, owned)
+        return cls(rule, _typed(d, "persistent", bool), _typed(d, "enabled", bool), target, owned,
+                   _stamp(d.get("interpreter_stamp")))  # fmt: skip
+
+
+def _stamp(value: Any) -> tuple[int, int, int, int] | None:
+    """An interpreter stamp from the state file; one that is not four
+    integers is dropped (the next reconcile takes a new one)."""
+    if isinstance(value, list) and len(value) == 4 and all(type(v) is int for v in value):
+        return (value[0], value[1], value[2], value[3])
+    return None
 
 
 def _typed(d: dict[str, Any], key: str, kind: type) -> Any:

@@ -761,6 +761,8 @@ async def test_openapi(api: Api, daemon: Daemon) -> None:
     with unchanged(daemon):
         for r in ROUTES:
             path = r.path.replace("{name}", "qemu-nothing")
+            if r.media != "application/json":  # a stream (tests/test_events.py): a bad query
+                path += "?since=-1"
             body = {"no-such-field": True} if r.request is not None else NO_BODY
             reply = await api.request(r.method, path, body)
             assert reply.status in {r.status, *r.errors}, (r.method, path, str(reply))
