@@ -59,7 +59,7 @@ from qusd.models import (
 )
 from qusd.policy import RateLimiter, Role
 from qusd.repair import Reconciler
-from qusd.service import Overrides, Service
+from qusd.service import Overrides, RegisterResult, Service
 
 MAX_BODY = 64 * 1024
 
@@ -111,6 +111,22 @@ def reply(model: BaseModel | list[Any], status: int = 200) -> web.Response:
     return web.Response(status=status, text=text, content_type="application/json")
 
 
+def created(result: RegisterResult) -> web.Response:
+    """201 with what was registered, and Location: the entry made, or (none
+    or several) the collection."""
+    made = [printable(r.entry.name) for r in result.registered]
+    one = f"/{quote(made[0], safe='')}" if len(made) == 1 else ""
+    response = reply(
+        RegisterResponse(
+            registered=[RegistrationOut.of(r) for r in result.registered],
+            unchanged=[RegistrationOut.of(r) for r in result.unchanged],
+        ),
+        status=201,
+    )
+    response.headers["Location"] = f"/v1/registrations{one}"
+    return response
+
+
 # -- handlers: (request, validated body or None) -> response ---------------------
 
 
@@ -146,17 +162,7 @@ async def register(request: web.Request, req: RegisterRequest) -> web.Response:
         result = await locked(request, svc.register_targets, who, req.targets, flags,
                               persistent=req.persistent, replace_existing=req.replace,
                               overrides=overrides)  # fmt: skip
-    response = reply(
-        RegisterResponse(
-            registered=[RegistrationOut.of(r) for r in result.registered],
-            unchanged=[RegistrationOut.of(r) for r in result.unchanged],
-        ),
-        status=201,
-    )
-    made = [printable(r.entry.name) for r in result.registered]
-    one = f"/{quote(made[0], safe='')}" if len(made) == 1 else ""
-    response.headers["Location"] = f"/v1/registrations{one}"  # the entry, or the collection
-    return response
+    return created(result)
 
 
 async def patch_registration(request: web.Request, req: EnableRequest) -> web.Response:
@@ -182,13 +188,7 @@ async def import_entries(request: web.Request, req: ImportRequest) -> web.Respon
     result = await locked(request, svc.register_entries, caller(request),
                           [e.rule() for e in req.entries], persistent=req.persistent,
                           replace_existing=req.replace, overrides=overrides)  # fmt: skip
-    return reply(
-        RegisterResponse(
-            registered=[RegistrationOut.of(r) for r in result.registered],
-            unchanged=[RegistrationOut.of(r) for r in result.unchanged],
-        ),
-        status=201,
-    )
+    return created(result)
 
 
 async def reconcile(request: web.Request, _: None) -> web.Response:
@@ -318,8 +318,8 @@ class Route:
     audit: Callable[[web.Request, Any], Sequence[str]] | None = None
     #: the response's media type
     media: str = "application/json"
-    #: query parameters: (name, JSON schema type, description)
-    query: tuple[tuple[str, str, str], ...] = ()
+    #: query parameters: (name, JSON schema type or whole schema, description)
+    query: tuple[tuple[str, str | dict[str, Any], str], ...] = ()
 
     def bind(self) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         """The aiohttp handler: the path's names noted for the audit, the
@@ -370,9 +370,12 @@ ROUTES = (
     Route("GET", "/v1/events", events,
           "Every change, streamed as newline-delimited JSON while connected",
           response=EventOut, media=stream.NDJSON, errors=(422,),
-          query=(("since", "integer", "replay the events after this sequence number that the "
+          query=(("since", {"type": "integer", "minimum": 0, "maximum": 2**63},
+                  "replay the events after this sequence number that the "
                   "daemon still holds (a 'lost' line says how many it does not)"),
-                 ("keepalive", "number", "seconds between keep-alive lines on an idle stream "
+                 ("keepalive", {"type": "number", "minimum": stream.KEEPALIVE_RANGE[0],
+                                "maximum": stream.KEEPALIVE_RANGE[1]},
+                  "seconds between keep-alive lines on an idle stream "
                   f"(default {stream.KEEPALIVE:g})"))),
     Route("GET", "/openapi.json", openapi, "This document (OpenAPI 3.1)"),
 )  # fmt: skip

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationInfo,
@@ -73,6 +74,19 @@ _TEXT = r"\x20-\x39\x3b-\x7e"
 _NO_SLASH = r"\x20-\x2e\x30-\x39\x3b-\x7e"
 #: and no "." (the kernel matches an extension after the last dot)
 _NO_DOT = r"\x20-\x2d\x30-\x39\x3b-\x7e"
+
+
+def _whole(value: Any) -> Any:
+    """A JSON number with no fraction (80.0) is the integer JSON Schema says
+    it is; anything else goes to the strict int check as it came."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+#: an integer, as JSON Schema's "integer" (80.0 included)
+JsonInt = Annotated[int, BeforeValidator(_whole)]
+
 Hex = Annotated[
     str,
     AfterValidator(_hex),
@@ -129,7 +143,7 @@ class EntrySpec(Request):
 
     name: Name
     type: Literal["magic", "extension"] = "magic"
-    offset: int = Field(
+    offset: JsonInt = Field(
         0, ge=0, lt=binfmt.BINPRM_BUF_SIZE, json_schema_extra={"maximum": 127}
     )  # with 128 bytes of magic at most, it always fits the 256 the kernel reads
     magic: Hex | None = None

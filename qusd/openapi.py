@@ -75,7 +75,8 @@ def document(cat: Catalog | None = None) -> dict[str, Any]:
             {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
         ] if "{name}" in r.path else []  # fmt: skip
         params += [
-            {"name": q, "in": "query", "required": False, "schema": {"type": kind},
+            {"name": q, "in": "query", "required": False,
+             "schema": kind if isinstance(kind, dict) else {"type": kind},
              "description": about}
             for q, kind, about in r.query
         ]  # fmt: skip
