@@ -29,6 +29,7 @@ from qusd.errors import (
     RequestValidationError,
     UnsupportedMediaTypeError,
 )
+from qusd.metrics import CONTENT_TYPE, METRICS, Metrics, measure
 from qusd.middleware import (
     BUCKETS,
     CALLER_OF,
@@ -59,7 +60,7 @@ from qusd.models import (
 )
 from qusd.policy import RateLimiter, Role
 from qusd.repair import Reconciler
-from qusd.service import Overrides, RegisterResult, Service
+from qusd.service import Overrides, RegisterResult, Registration, Service
 
 MAX_BODY = 64 * 1024
 
@@ -265,6 +266,16 @@ async def _end_streams(app: web.Application) -> None:
         listener.end()
 
 
+async def metrics(request: web.Request, _: None) -> web.Response:
+    svc = request.app[SERVICE]
+
+    def registrations() -> list[Registration] | None:
+        return svc.registrations() if svc.kernel.is_mounted() else None
+
+    text = request.app[METRICS].render(await locked(request, registrations))
+    return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE})
+
+
 async def openapi(request: web.Request, _: None) -> web.Response:
     from qusd import openapi as doc  # noqa: PLC0415 - built on first request, not at start
 
@@ -377,8 +388,14 @@ ROUTES = (
                                 "maximum": stream.KEEPALIVE_RANGE[1]},
                   "seconds between keep-alive lines on an idle stream "
                   f"(default {stream.KEEPALIVE:g})"))),
+    Route("GET", "/metrics", metrics, "Prometheus metrics (text format); anyone may scrape",
+          media=CONTENT_TYPE),
     Route("GET", "/openapi.json", openapi, "This document (OpenAPI 3.1)"),
 )  # fmt: skip
+
+
+async def _unsubscribe(metrics: Metrics) -> None:
+    metrics.unsubscribe()
 
 
 def make_app(
@@ -387,12 +404,14 @@ def make_app(
     """The application; caller_of says who is asking (the kernel's peer
     credentials; the in-process tests give their own)."""
     config = config or service.config
-    app = web.Application(middlewares=[audit, errors, limits], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[measure, audit, errors, limits], client_max_size=MAX_BODY)
     app[SERVICE] = service
     app[CONFIG] = config
     app[BUCKETS] = RateLimiter(config.rate_limit, config.rate_burst)
     app[CALLER_OF] = caller_of
     app[LOCK] = asyncio.Lock()
+    app[METRICS] = Metrics(service)
+    app.on_cleanup.append(lambda app: _unsubscribe(app[METRICS]))
     app[RECONCILER] = Reconciler(service, app[LOCK], config.reconcile_interval)
     app[STREAMS] = set[stream.Listener]()
     feed.ring(service.events)  # from now on (the daemon attached it before the restore)

@@ -16,6 +16,7 @@ import os
 import socket
 import stat
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
@@ -248,7 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         lock_state_dir(cfg.state_dir)
         svc = build_service(cfg, sandbox_pid)
         svc.ensure_mounted()
+        started = time.perf_counter()
         report = svc.restore()
+        # for GET /metrics (qusd_restore_duration_seconds)
+        setattr(svc, "restore_seconds", time.perf_counter() - started)  # noqa: B010
         log.info("restore: %s", report.summary())
         if sock is None:
             return 1 if report.failed else 0

@@ -95,8 +95,14 @@ def document(cat: Catalog | None = None) -> dict[str, Any]:
                 "description": r.summary,
                 "content": {r.media: {"schema": schema}},
             }
-        else:
+        elif r.status == 204:
             op["responses"][str(r.status)] = {"description": r.summary}
+        else:  # a document of its own (this one), or text (the metrics)
+            free = {"type": "object"} if r.media == "application/json" else {"type": "string"}
+            op["responses"][str(r.status)] = {
+                "description": r.summary,
+                "content": {r.media.split(";")[0]: {"schema": free}},
+            }
         for code in (*r.errors, 500):
             op["responses"][str(code)] = {
                 "description": "problem details",
