@@ -194,8 +194,8 @@ def bind_unix(path: str, mode: int, group: str | None = None) -> socket.socket:
             os.chown(path, -1, grp.getgrnam(group).gr_gid)
         except KeyError:
             log.warning(
-                "group %r does not exist: only root can reach %s (create it with "
-                "'groupadd --system %s')", group, path, group,
+                "group %r does not exist: only the socket's owner and root can reach %s "
+                "(create it with 'groupadd --system %s')", group, path, group,
             )  # fmt: skip
         except OSError as e:
             log.warning("cannot give %s to group %s: %s", path, group, e.strerror)
