@@ -25,7 +25,7 @@ BIN = Path(sys.executable).parent
 #: a line typed, and what TAB must offer
 CASES = [
     ("qusctl reg", ["register"]),
-    ("qusctl re", ["register", "reset"]),
+    ("qusctl re", ["reconcile", "register", "reset"]),
     ("qusd ch", ["check-config"]),
     ("qusd-binfmt r", ["register", "reset"]),
     ("qusctl register aarch", ["aarch64", "aarch64_be"]),
@@ -147,4 +147,4 @@ def test_bash_registers_each_program(share: Path, tmp_path: Path) -> None:
         "complete -o bashdefault -F _shtab_qusd_binfmt qusd-binfmt",
     ]
     # and with all three loaded, each still completes its own commands
-    assert bash_complete(share, "qusctl re", tmp_path) == ["register", "reset"]
+    assert bash_complete(share, "qusctl re", tmp_path) == ["reconcile", "register", "reset"]
