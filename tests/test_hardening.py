@@ -720,7 +720,14 @@ def requests(draw: st.DrawFn, ops: list[Operation]) -> Req:
     return Req(method, path, body, ctype)
 
 
-READS = ("/v1/health", "/v1/status", "/v1/targets", "/v1/registrations", "/openapi.json")
+READS = (
+    "/v1/health",
+    "/v1/status",
+    "/v1/targets",
+    "/v1/registrations",
+    "/openapi.json",
+    "/metrics",
+)
 #: the operation groups fuzzed one test each, and their number of examples
 GROUPS: dict[str, tuple[set[tuple[str, str]], int]] = {
     "register": ({("POST", "/v1/registrations")}, 250),
