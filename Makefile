@@ -34,7 +34,7 @@ $(FOREIGN)/.stamp: tools/fetch-foreign.sh
 # something that goes into it changes. As root, installs its Build-Depends.
 DEB := $(shell sh packaging/build-deb.sh --print-deb)
 DEB_INPUTS := pyproject.toml README.md packaging/qusd.toml packaging/build-deb.sh \
-	packaging/constraints.txt packaging/maintainer.env \
+	packaging/constraints.txt packaging/maintainer.env packaging/completions.sh \
 	$(wildcard systemd/qusd.*) $(wildcard docs/man/*) $(wildcard packaging/oci/*) \
 	$(shell find qusd packaging/debian -name __pycache__ -prune -o ! -type d -print)
 

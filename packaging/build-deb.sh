@@ -52,8 +52,8 @@ mkdir -p "$stage"
 # What `pip install .` needs, without caches and build leftovers, the
 # man pages (debian/qusd.manpages), and the pins debian/rules installs with.
 tar -cf - --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' \
-    pyproject.toml README.md qusd systemd packaging/qusd.toml packaging/constraints.txt packaging/oci \
-    docs/man | tar -xf - -C "$stage"
+    pyproject.toml README.md qusd systemd packaging/qusd.toml packaging/constraints.txt \
+    packaging/completions.sh packaging/oci docs/man | tar -xf - -C "$stage"
 # debian/ links to the units in systemd/: copy what they point at.
 cp -RL packaging/debian "$stage/debian"
 for f in control changelog copyright; do

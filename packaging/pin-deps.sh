@@ -22,12 +22,13 @@ export PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 "$python" -m venv "$tmp/venv"
 "$tmp/venv/bin/python" -m pip install -q --upgrade pip
 # The newest of everything pyproject.toml allows, and setuptools (the build
-# backend of qusd and of systemd-python's sdist); pip itself, which builds.
+# backend of qusd and of systemd-python's sdist); pip itself, which builds;
+# shtab, which writes the shell completion at build time.
 # --dry-run: what would be installed, nothing is.
 cp -R pyproject.toml README.md qusd "$tmp/"
 find "$tmp/qusd" -name __pycache__ -prune -exec rm -rf {} +
 (cd "$tmp" && ./venv/bin/python -m pip install -q --dry-run --ignore-installed \
-    --report report.json . setuptools pip)
+    --report report.json . setuptools pip shtab)
 
 "$tmp/venv/bin/python" - "$tmp/report.json" "$out" "$("$python" -V)" <<'EOF'
 import json, sys

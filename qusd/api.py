@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
+from urllib.parse import quote
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -28,6 +29,7 @@ from qusd.errors import (
     RequestValidationError,
     UnsupportedMediaTypeError,
 )
+from qusd.metrics import CONTENT_TYPE, METRICS, Metrics, measure
 from qusd.middleware import (
     BUCKETS,
     CALLER_OF,
@@ -66,7 +68,7 @@ from qusd.models import (
 )
 from qusd.policy import RateLimiter, Role
 from qusd.repair import Reconciler
-from qusd.service import Overrides, Service
+from qusd.service import Overrides, RegisterResult, Registration, Service
 
 MAX_BODY = 64 * 1024
 
@@ -120,6 +122,22 @@ def reply(model: BaseModel | list[Any], status: int = 200) -> web.Response:
     return web.Response(status=status, text=text, content_type="application/json")
 
 
+def created(result: RegisterResult) -> web.Response:
+    """201 with what was registered, and Location: the entry made, or (none
+    or several) the collection."""
+    made = [printable(r.entry.name) for r in result.registered]
+    one = f"/{quote(made[0], safe='')}" if len(made) == 1 else ""
+    response = reply(
+        RegisterResponse(
+            registered=[RegistrationOut.of(r) for r in result.registered],
+            unchanged=[RegistrationOut.of(r) for r in result.unchanged],
+        ),
+        status=201,
+    )
+    response.headers["Location"] = f"/v1/registrations{one}"
+    return response
+
+
 # -- handlers: (request, validated body or None) -> response ---------------------
 
 
@@ -158,13 +176,7 @@ async def register(request: web.Request, req: RegisterRequest) -> web.Response:
         result = await locked(request, svc.register_targets, who, req.targets, flags,
                               persistent=req.persistent, replace_existing=req.replace,
                               overrides=overrides)  # fmt: skip
-    return reply(
-        RegisterResponse(
-            registered=[RegistrationOut.of(r) for r in result.registered],
-            unchanged=[RegistrationOut.of(r) for r in result.unchanged],
-        ),
-        status=201,
-    )
+    return created(result)
 
 
 async def patch_registration(request: web.Request, req: EnableRequest) -> web.Response:
@@ -190,13 +202,7 @@ async def import_entries(request: web.Request, req: ImportRequest) -> web.Respon
     result = await locked(request, svc.register_entries, caller(request),
                           [e.rule() for e in req.entries], persistent=req.persistent,
                           replace_existing=req.replace, overrides=overrides)  # fmt: skip
-    return reply(
-        RegisterResponse(
-            registered=[RegistrationOut.of(r) for r in result.registered],
-            unchanged=[RegistrationOut.of(r) for r in result.unchanged],
-        ),
-        status=201,
-    )
+    return created(result)
 
 
 async def reconcile(request: web.Request, _: None) -> web.Response:
@@ -299,10 +305,21 @@ async def install_interpreters(request: web.Request, req: InstallRequest) -> web
     return reply(InstallResponse(installed=[ProvisionedOut.of(i) for i in done]), status=201)
 
 
+async def metrics(request: web.Request, _: None) -> web.Response:
+    svc = request.app[SERVICE]
+
+    def registrations() -> list[Registration] | None:
+        return svc.registrations() if svc.kernel.is_mounted() else None
+
+    text = request.app[METRICS].render(await locked(request, registrations))
+    return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE})
+
+
 async def openapi(request: web.Request, _: None) -> web.Response:
     from qusd import openapi as doc  # noqa: PLC0415 - built on first request, not at start
 
-    return web.Response(text=doc.document_json(), content_type="application/json")
+    text = doc.document_json(request.app[SERVICE].catalog)
+    return web.Response(text=text, content_type="application/json")
 
 
 # -- what each route audits ----------------------------------------------------------
@@ -355,8 +372,8 @@ class Route:
     audit: Callable[[web.Request, Any], Sequence[str]] | None = None
     #: the response's media type
     media: str = "application/json"
-    #: query parameters: (name, JSON schema type, description)
-    query: tuple[tuple[str, str, str], ...] = ()
+    #: query parameters: (name, JSON schema type or whole schema, description)
+    query: tuple[tuple[str, str | dict[str, Any], str], ...] = ()
 
     def bind(self) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         """The aiohttp handler: the path's names noted for the audit, the
@@ -407,9 +424,12 @@ ROUTES = (
     Route("GET", "/v1/events", events,
           "Every change, streamed as newline-delimited JSON while connected",
           response=EventOut, media=stream.NDJSON, errors=(422,),
-          query=(("since", "integer", "replay the events after this sequence number that the "
+          query=(("since", {"type": "integer", "minimum": 0, "maximum": 2**63},
+                  "replay the events after this sequence number that the "
                   "daemon still holds (a 'lost' line says how many it does not)"),
-                 ("keepalive", "number", "seconds between keep-alive lines on an idle stream "
+                 ("keepalive", {"type": "number", "minimum": stream.KEEPALIVE_RANGE[0],
+                                "maximum": stream.KEEPALIVE_RANGE[1]},
+                  "seconds between keep-alive lines on an idle stream "
                   f"(default {stream.KEEPALIVE:g})"))),
     Route("POST", "/v1/verify", verify,
           "Run each registered target's built-in program through the kernel (readers may)",
@@ -421,8 +441,14 @@ ROUTES = (
           "Extract interpreters from a qemu-user-static package (admins)",
           request=InstallRequest, response=InstallResponse, status=201, errors=_CHANGE,
           audit=_targets),
+    Route("GET", "/metrics", metrics, "Prometheus metrics (text format); anyone may scrape",
+          media=CONTENT_TYPE),
     Route("GET", "/openapi.json", openapi, "This document (OpenAPI 3.1)"),
 )  # fmt: skip
+
+
+async def _unsubscribe(metrics: Metrics) -> None:
+    metrics.unsubscribe()
 
 
 def make_app(
@@ -431,12 +457,14 @@ def make_app(
     """The application; caller_of says who is asking (the kernel's peer
     credentials; the in-process tests give their own)."""
     config = config or service.config
-    app = web.Application(middlewares=[audit, errors, limits], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[measure, audit, errors, limits], client_max_size=MAX_BODY)
     app[SERVICE] = service
     app[CONFIG] = config
     app[BUCKETS] = RateLimiter(config.rate_limit, config.rate_burst)
     app[CALLER_OF] = caller_of
     app[LOCK] = asyncio.Lock()
+    app[METRICS] = Metrics(service)
+    app.on_cleanup.append(lambda app: _unsubscribe(app[METRICS]))
     app[RECONCILER] = Reconciler(service, app[LOCK], config.reconcile_interval)
     app[STREAMS] = set[stream.Listener]()
     feed.ring(service.events)  # from now on (the daemon attached it before the restore)

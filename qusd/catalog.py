@@ -200,6 +200,33 @@ ALIASES: dict[str, str] = {
 }
 
 
+#: the name that stands for every target of another family than the host's
+#: that has an interpreter (what registering with no target means)
+ALL = "all"
+
+
+def wants_all(names: Sequence[str] | None) -> bool:
+    """Whether names ask for every foreign target: none given, or "all"
+    alone (mixed with target names it is an error, not a guess)."""
+    if not names:
+        return True
+    if ALL not in names:
+        return False
+    if len(set(names)) > 1:
+        raise UnknownTargetError(
+            f"{ALL!r} means every foreign target that has an interpreter: give it alone, "
+            "or name the targets",
+            field="targets",
+        )
+    return True
+
+
+def completion_names() -> list[str]:
+    """What a shell offers where a target goes: QEMU's names, the aliases
+    and "all"."""
+    return [*builtin().names(), *sorted(ALIASES), ALL]
+
+
 def canonical_name(name: str) -> str:
     """Map an alias (arm64, linux/arm/v7, ppc64el, ...) to a catalog target name."""
     n = name.strip().lower()

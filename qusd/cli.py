@@ -20,8 +20,15 @@ from urllib.parse import quote
 from qusd import __version__, catalog, interchange, interpreters, sandbox
 from qusd.binfmt import DEFAULT_PATH, BinfmtMisc, Rule
 from qusd.client import DEFAULT_SOCKET, Client, default_socket
-from qusd.errors import DaemonUnavailableError, NoSuchEntryError, QusdError
-from qusd.text import table
+from qusd.errors import (
+    DaemonUnavailableError,
+    HostTypeError,
+    InterpreterError,
+    NoSuchEntryError,
+    QusdError,
+)
+from qusd.policy import native_headers
+from qusd.text import DIRECTORY, FILE, complete, reader_gone, table, words
 
 if TYPE_CHECKING:
     from qusd.doctor import Context, Finding
@@ -93,7 +100,7 @@ def cmd_register(ns: argparse.Namespace) -> int:
         body["force"] = True
     if ns.allow_untrusted_interpreter:
         body["allow_untrusted_interpreter"] = True
-    if ns.targets:
+    if not catalog.wants_all(ns.targets):  # no target, or "all": every foreign one
         body["targets"] = ns.targets
     if ns.flags is not None:
         body["flags"] = ns.flags
@@ -105,14 +112,18 @@ def cmd_register(ns: argparse.Namespace) -> int:
 
 
 def cmd_unregister(ns: argparse.Namespace) -> int:
-    client, status = Client(ns.socket), 0
+    client, status, gone = Client(ns.socket), 0, []
     for name in ns.names:
         try:
             client.request("DELETE", f"/v1/registrations/{quote(name, safe='')}")
-            print(f"unregistered {name}")
+            gone.append(name)
+            if not ns.json:
+                print(f"unregistered {name}")
         except QusdError as e:
             print(f"qusctl: {e.message}", file=sys.stderr)
             status = status or e.exit_status
+    if ns.json:
+        print(json.dumps({"unregistered": gone}, indent=2))
     return status
 
 
@@ -354,18 +365,39 @@ def cmd_run(ns: argparse.Namespace) -> int:
     return 0  # pragma: no cover
 
 
+SANDBOX_FIX = "install qemu-user-static or pass --interpreter-dir"
+
+
 def cmd_sandbox(ns: argparse.Namespace) -> int:
     argv = _command(ns)
     cat = catalog.load(ns.catalog)
-    targets = cat.resolve(ns.register) if ns.register else []
+    family = catalog.family_of(catalog.host_machine())
+    dirs = ns.interpreter_dir or interpreters.DEFAULT_DIRS
+    if not ns.register:
+        targets = []
+    elif catalog.wants_all(ns.register):
+        targets = interpreters.foreign_with_interpreters(cat, family, dirs)
+        if not targets:
+            raise InterpreterError(
+                f"no QEMU interpreter (qemu-<cpu>-static or qemu-<cpu>) in {', '.join(dirs)}: "
+                f"nothing to register; {SANDBOX_FIX}"
+            )
+    else:
+        targets = cat.resolve(ns.register)
     rules = []
     for t in targets:
-        interp = interpreters.find(t, ns.interpreter_dir or interpreters.DEFAULT_DIRS)
-        if interp is None:
-            raise QusdError(
-                f"no interpreter for {t.name}: install qemu-user-static or pass --interpreter-dir"
+        interp = interpreters.require(t, dirs, SANDBOX_FIX)
+        rule = t.rule(interp.path, ns.flags)
+        rule.encode()  # a bad flag fails here, before the sandbox is made
+        # The host's own type would send every exec in the sandbox, QEMU's
+        # own included, back to QEMU: the kernel gives up with ELOOP.
+        if any(rule.matches(h) for h in native_headers(cat, family, [interp.path, "/bin/sh"])):
+            raise HostTypeError(
+                f"{t.name} is of the host's own family ({family}): in the sandbox every "
+                f"program, {interp.path} included, would be handed to {interp.path} and fail "
+                "with 'Too many levels of symbolic links'; register foreign targets only"
             )
-        rules.append(t.rule(interp.path, ns.flags))
+        rules.append(rule)
     sandbox.create(ns.binfmt_path)
     kernel = BinfmtMisc(ns.binfmt_path)
     for rule in rules:
@@ -383,9 +415,9 @@ def _command(ns: argparse.Namespace) -> list[str]:
     return argv
 
 
-def _emulation_commands(sub: Any, daemon_cmd: Any) -> None:
+def _emulation_commands(command: Any, common: argparse.ArgumentParser) -> None:
     """verify, interpreters and doctor: proving and explaining emulation."""
-    s = daemon_cmd(
+    s = command(
         "verify",
         "prove that registered targets run",
         cmd_verify,
@@ -393,80 +425,105 @@ def _emulation_commands(sub: Any, daemon_cmd: Any) -> None:
         "kernel, in the daemon's sandbox if it has one, and report ok or the reason it failed, "
         "with the interpreter and the QEMU version behind it. Exit status 1 when one failed.",
     )
-    s.add_argument("targets", nargs="*", metavar="TARGET")
-    s = sub.add_parser(
+    complete(s.add_argument("targets", nargs="*", metavar="TARGET"), TARGETS)
+    s = command(
         "interpreters",
-        help="install or list qusd's own interpreters",
-        description="qusd's own interpreter directory (interpreter_store), searched first.",
+        "install or list qusd's own interpreters",
+        cmd_interpreters,
+        "qusd's own interpreter directory (interpreter_store), searched first.",
     )
     actions = s.add_subparsers(dest="action", metavar="ACTION", required=True)
     i = actions.add_parser(
         "install",
+        parents=[common],
         help="extract interpreters from qemu-user-static (admins)",
         description="Extract only the named targets' interpreters from a qemu-user-static "
         "package (--from FILE, or Debian's, downloaded with apt-get by the daemon into its "
         "interpreter_cache) into the daemon's interpreter_store, recording version and sha256.",
     )
-    i.add_argument("targets", nargs="+", metavar="TARGET")
-    i.add_argument("--from", dest="deb", metavar="FILE", help="the package file (a .deb)")
-    i.add_argument("--json", action="store_true", help="print the API's JSON")
-    i.set_defaults(func=cmd_interpreters)
-    i = actions.add_parser(
+    complete(i.add_argument("targets", nargs="+", metavar="TARGET"), TARGETS)
+    complete(i.add_argument("--from", dest="deb", metavar="FILE", help="the package file (a .deb)"),
+             FILE)  # fmt: skip
+    actions.add_parser(
         "list",
+        parents=[common],
         help="what interpreters install put there",
         description="The provisioned interpreters, their version and sha256.",
     )
-    i.add_argument("--json", action="store_true", help="print the API's JSON")
-    i.set_defaults(func=cmd_interpreters)
-    s = sub.add_parser(
+    s = command(
         "doctor",
-        help="say why a program does not run",
-        description="Why does FILE fail to run? Names its target, the binfmt_misc entry the "
+        "say why a program does not run",
+        cmd_doctor,
+        "Why does FILE fail to run? Names its target, the binfmt_misc entry the "
         "kernel would pick (newest first) or that none does, and each cause with its fix: "
         "binfmt_misc disabled or not mounted, the entry disabled, the interpreter missing, "
         "not executable, dynamic in a chroot, stale after an upgrade, matching itself, the "
         "program's loader missing. Works without the daemon; uses it when it answers. Exit "
         "status 1 when something is in the way.",
     )
-    s.add_argument("file", metavar="FILE")
-    s.add_argument("--root", default="/", metavar="DIR",
-                   help="the program runs chrooted to DIR (FILE is a path inside it)")  # fmt: skip
+    complete(s.add_argument("file", metavar="FILE"), FILE)
+    complete(s.add_argument("--root", default="/", metavar="DIR",
+                            help="the program runs chrooted to DIR (FILE is a path inside it)"),
+             DIRECTORY)  # fmt: skip
     s.add_argument("--run", action="store_true", help="run it first (implied by -- ARGS)")
-    s.add_argument("--json", action="store_true", help="print the findings as JSON")
     s.add_argument("--binfmt-path", default=DEFAULT_PATH, help=argparse.SUPPRESS)
     s.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- ARGS")
-    s.set_defaults(func=cmd_doctor)
+
+
+#: target names, for the shell completion (qusd.text.complete)
+TARGETS = words("targets", catalog.completion_names())
+
+
+def global_options(p: argparse.ArgumentParser, sub: bool) -> None:
+    """The options that go before or after the command alike. The
+    subcommands' copies default to SUPPRESS, so a value given before the
+    command is not reset after it."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if sub else value
+
+    complete(
+        p.add_argument(
+            "--socket",
+            default=default(default_socket()),
+            metavar="PATH",
+            help=f"the daemon's socket (default: $QUSD_SOCKET or {DEFAULT_SOCKET})",
+        ),
+        FILE,
+    )
+    p.add_argument(
+        "--json", action="store_true", default=default(False), help="print JSON (the API's)"
+    )
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qusctl",
-        description="Manage QEMU user-mode emulation (binfmt_misc) with qusd.",
+        description="Manage QEMU user-mode emulation (binfmt_misc) with qusd. Options "
+        "go before or after the command.",
     )
     p.add_argument("--version", action="version", version=f"qusctl {__version__}")
-    p.add_argument(
-        "--socket",
-        default=default_socket(),
-        metavar="PATH",
-        help=f"the daemon's socket (default: $QUSD_SOCKET or {DEFAULT_SOCKET})",
-    )
+    global_options(p, sub=False)
+    common = argparse.ArgumentParser(add_help=False)
+    global_options(common, sub=True)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def daemon_cmd(name: str, help: str, func: Any, description: str | None = None) -> Any:
-        c = sub.add_parser(name, help=help, description=description or help)
-        c.add_argument("--json", action="store_true", help="print the API's JSON")
-        c.set_defaults(func=func)
+    def command(
+        name: str, help: str, func: Any, description: str | None = None, json: bool = True
+    ) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, description=description or help, parents=[common])
+        c.set_defaults(func=func, prints_json=json)
         return c
 
-    s = daemon_cmd(
+    s = command(
         "register",
         "register targets",
         cmd_register,
         "Register QEMU targets (names or aliases: arm64, linux/arm/v7, ...). With no target, "
-        "every target of another family than the host's that has an interpreter. An "
-        "identical existing entry is left unchanged.",
+        "or 'all', every target of another family than the host's that has an interpreter. "
+        "An identical existing entry is left unchanged.",
     )
-    s.add_argument("targets", nargs="*", metavar="TARGET")
+    complete(s.add_argument("targets", nargs="*", metavar="TARGET"), TARGETS)
     s.add_argument("--flags", help="binfmt_misc flags, any of P O C F (default: F)")
     s.add_argument("--no-persist", action="store_true", help="do not restore at start")
     s.add_argument("--replace", action="store_true", help="overwrite other definitions")
@@ -478,18 +535,18 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="admins: skip the root-owned-interpreter check",
     )
-    s = daemon_cmd("unregister", "remove entries", cmd_unregister)
+    s = command("unregister", "remove entries", cmd_unregister)
     s.add_argument("names", nargs="+", metavar="NAME")
-    s = daemon_cmd("enable", "enable an entry", cmd_enable)
+    s = command("enable", "enable an entry", cmd_enable)
     s.add_argument("name", metavar="NAME")
     s.set_defaults(enabled=True)
-    s = daemon_cmd("disable", "disable an entry (kept, but exec falls through)", cmd_enable)
+    s = command("disable", "disable an entry (kept, but exec falls through)", cmd_enable)
     s.add_argument("name", metavar="NAME")
     s.set_defaults(enabled=False)
-    daemon_cmd("list", "list every entry in the kernel", cmd_list)
-    daemon_cmd("status", "the daemon's and the kernel's status", cmd_status)
-    daemon_cmd("targets", "the target catalog and interpreters", cmd_targets)
-    s = daemon_cmd(
+    command("list", "list every entry in the kernel", cmd_list)
+    command("status", "the daemon's and the kernel's status", cmd_status)
+    command("targets", "the target catalog and interpreters", cmd_targets)
+    s = command(
         "reset",
         "remove entries",
         cmd_reset,
@@ -497,16 +554,16 @@ def parser() -> argparse.ArgumentParser:
         "reset), or the whole table (all).",
     )
     s.add_argument("--scope", choices=["managed", "qemu", "all"], default="managed")
-    _repair_and_files(daemon_cmd)
+    _repair_and_files(command)
 
-    s = sub.add_parser(
+    s = command(
         "identify",
-        help="name the target that runs each file",
-        description="Print, for each file, the QEMU target whose magic/mask matches its "
-        "header, 'native' when the host runs it itself, or 'no match'.",
+        "name the target that runs each file",
+        cmd_identify,
+        "Without the daemon: print, for each file, the QEMU target whose magic/mask matches "
+        "its header, 'native' when the host runs it itself, or 'no match'.",
     )
-    s.add_argument("files", nargs="+", metavar="FILE")
-    s.add_argument("--json", action="store_true", help="print JSON")
+    complete(s.add_argument("files", nargs="+", metavar="FILE"), FILE)
     s.add_argument(
         "--catalog",
         choices=["builtin", "binfmt.d"],
@@ -515,49 +572,58 @@ def parser() -> argparse.ArgumentParser:
         "qemu-*.conf files (default: builtin)",
     )
     s.add_argument("--host", metavar="MACHINE", help="judge nativeness for this `uname -m`")
-    s.set_defaults(func=cmd_identify)
 
-    _emulation_commands(sub, daemon_cmd)
+    _emulation_commands(command, common)
 
-    s = sub.add_parser(
+    s = command(
         "run",
-        help="run a command inside the daemon's (or another) sandbox",
-        description="Run CMD (default: your shell) in the user and mount namespaces of "
-        "process PID (default: the daemon's sandbox, from its status), so it sees that "
-        "sandbox's private binfmt_misc table.",
+        "run a command inside the daemon's (or another) sandbox",
+        cmd_run,
+        "Run CMD (default: your shell) in the user and mount namespaces of process PID "
+        "(default: the daemon's sandbox, from its status), so it sees that sandbox's private "
+        "binfmt_misc table.",
+        json=False,
     )
     s.add_argument(
         "--pid", type=int, help="a process in the sandbox (default: the daemon's sandbox)"
     )
     s.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
-    s.set_defaults(func=cmd_run)
 
-    s = sub.add_parser(
+    s = command(
         "sandbox",
-        help="run a command in a new sandbox with a private binfmt_misc",
-        description="Run CMD (default: your shell) in a new user + mount namespace with its "
-        "own binfmt_misc table (Linux >= 6.7; no privilege needed), after registering "
-        "the targets given with --register. Nothing outside the sandbox changes.",
+        "run a command in a new sandbox with a private binfmt_misc",
+        cmd_sandbox,
+        "Without the daemon and without privilege (Linux >= 6.7): run CMD (default: your "
+        "shell) in a new user + mount namespace with its own binfmt_misc table, after "
+        "registering the targets given with --register ('all': every foreign target that "
+        "has an interpreter). Nothing outside the sandbox changes.",
+        json=False,
     )
-    s.add_argument(
-        "--register",
-        action="append",
-        metavar="TARGET",
-        help="register this target first (repeatable; aliases such as arm64 work)",
+    complete(
+        s.add_argument(
+            "--register",
+            action="append",
+            metavar="TARGET",
+            help="register this target first (repeatable; aliases such as arm64 work; "
+            "'all': every foreign target with an interpreter)",
+        ),
+        TARGETS,
     )
     s.add_argument("--flags", default="F", help="flags for --register (default: F)")
     s.add_argument("--catalog", choices=["builtin", "binfmt.d"], default="builtin")
-    s.add_argument(
-        "--interpreter-dir",
-        action="append",
-        metavar="DIR",
-        help="where to look for qemu-<cpu>[-static] (repeatable; default: "
-        + ", ".join(interpreters.DEFAULT_DIRS)
-        + ")",
+    complete(
+        s.add_argument(
+            "--interpreter-dir",
+            action="append",
+            metavar="DIR",
+            help="where to look for qemu-<cpu>[-static] (repeatable; default: "
+            + ", ".join(interpreters.DEFAULT_DIRS)
+            + ")",
+        ),
+        DIRECTORY,
     )
     s.add_argument("--binfmt-path", default=DEFAULT_PATH, help=argparse.SUPPRESS)
     s.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
-    s.set_defaults(func=cmd_sandbox)
     return p
 
 
@@ -588,7 +654,7 @@ def _repair_and_files(daemon_cmd: Any) -> None:
         "(/var/lib/binfmts/NAME) or import files (/usr/share/binfmts/NAME), or every such "
         "file of a directory, and register their rules as qusd's own, all or none.",
     )
-    s.add_argument("paths", nargs="+", metavar="FILE|DIR")
+    complete(s.add_argument("paths", nargs="+", metavar="FILE|DIR"), FILE)
     s.add_argument("--no-persist", action="store_true", help="do not restore at start")
     s.add_argument("--replace", action="store_true", help="overwrite other definitions")
     s.add_argument("--force", action="store_true", help="even rules that match host programs")
@@ -604,14 +670,23 @@ def _repair_and_files(daemon_cmd: Any) -> None:
         "Write each registration qusd manages and restores as DIR/NAME.conf, for "
         "systemd-binfmt to register at boot (qusd then adopts them at start).",
     )
-    s.add_argument("--binfmt-d", required=True, metavar="DIR", help="e.g. /etc/binfmt.d")
+    complete(
+        s.add_argument("--binfmt-d", required=True, metavar="DIR", help="e.g. /etc/binfmt.d"),
+        DIRECTORY,
+    )
     s.add_argument("--all", action="store_true", help="the non-persistent ones too")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = parser().parse_args(argv)
+    p = parser()
+    ns = p.parse_args(argv)
+    if ns.json and not ns.prints_json:
+        p.error(f"{ns.command} runs a command and prints no JSON: drop --json")
     try:
         status: int = ns.func(ns)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        reader_gone()
     except QusdError as e:
         print(f"qusctl: {e.message}", file=sys.stderr)
         return e.exit_status

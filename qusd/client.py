@@ -1,5 +1,6 @@
 """A small synchronous client for the daemon's API (stdlib only, so qusctl
-starts fast). A problem response becomes the QusdError of its code."""
+starts fast). A problem response becomes the QusdError of its code.
+`qusd.client.AsyncClient` is the typed async one (aiohttp, pydantic models)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,71 @@ import json
 import os
 import socket
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from qusd.errors import DaemonUnavailableError, QusdError, SocketPermissionError
+
+if TYPE_CHECKING:
+    from qusd.async_client import AsyncClient
+
+__all__ = ["DEFAULT_SOCKET", "AsyncClient", "Client", "default_socket", "unreachable"]
 
 DEFAULT_SOCKET = "/run/qusd/qusd.sock"
 T = TypeVar("T")
 
 
+def __getattr__(name: str) -> Any:
+    """AsyncClient, the typed async client (qusd.async_client), brings
+    aiohttp and the API's models: loaded only when asked for, so qusctl
+    starts as fast as before."""
+    if name == "AsyncClient":
+        from qusd.async_client import AsyncClient  # noqa: PLC0415
+
+        return AsyncClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def default_socket() -> str:
-    return os.environ.get("QUSD_SOCKET", DEFAULT_SOCKET)
+    """$QUSD_SOCKET, or the system daemon's socket (an empty variable counts
+    as unset, as a shell's `QUSD_SOCKET= qusctl ...` means)."""
+    return os.environ.get("QUSD_SOCKET") or DEFAULT_SOCKET
+
+
+def unreachable(path: str, err: OSError) -> QusdError:
+    """Why the daemon at path cannot be reached, and the fix."""
+    start = "start it with 'systemctl start qusd'"
+    if isinstance(err, FileNotFoundError):
+        return DaemonUnavailableError(
+            f"qusd is not running: no socket at {path}; {start} (or pass --socket)"
+        )
+    if isinstance(err, ConnectionRefusedError):
+        return DaemonUnavailableError(
+            f"nothing listens on {path}: qusd stopped or crashed; {start}"
+        )
+    if isinstance(err, PermissionError):
+        return SocketPermissionError(
+            f"permission denied on {path}: ask an admin to add you to the qusd group "
+            "(then log in again)"
+        )
+    if isinstance(err, NotADirectoryError):
+        return DaemonUnavailableError(
+            f"{path} is not a socket path: a part of it is a file; pass the daemon's socket "
+            "with --socket or QUSD_SOCKET"
+        )
+    if "too long" in str(err):  # AF_UNIX paths hold at most 107 bytes; no errno
+        return DaemonUnavailableError(
+            f"the socket path {path} is {len(os.fsencode(path))} bytes, more than a Unix "
+            "socket's 107: use a shorter path (a symlink to its directory works)"
+        )
+    if isinstance(err, TimeoutError):
+        return DaemonUnavailableError(
+            f"qusd at {path} did not answer in time: it is busy or hung; see "
+            "'journalctl -u qusd' and restart it with 'systemctl restart qusd'"
+        )
+    return DaemonUnavailableError(
+        f"talking to qusd at {path} failed: {err.strerror or err}; check that qusd runs "
+        "('systemctl status qusd') and that this is its socket"
+    )
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -38,8 +94,13 @@ class _UnixConnection(http.client.HTTPConnection):
 
 class Client:
     def __init__(self, path: str | None = None, timeout: float = 60.0) -> None:
-        self.path = path or default_socket()
+        self.path = default_socket() if path is None else path
         self.timeout = timeout
+        if not self.path:
+            raise DaemonUnavailableError(
+                "the socket path is empty: pass the daemon's socket with --socket PATH, or "
+                f"leave it out for {default_socket()}"
+            )
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         """The decoded JSON answer (None for 204); QusdError on any failure."""
@@ -89,23 +150,12 @@ class Client:
         """fn(), its socket and HTTP failures as the errors that name the fix."""
         try:
             return fn()
-        except FileNotFoundError:
+        except OSError as e:
+            raise unreachable(self.path, e) from None
+        except http.client.HTTPException as e:
             raise DaemonUnavailableError(
-                f"qusd is not running: no socket at {self.path}; start it with "
-                "'systemctl start qusd' (or pass --socket)"
+                f"{self.path} answered something that is not HTTP ({e!r}): is it qusd's socket?"
             ) from None
-        except ConnectionRefusedError:
-            raise DaemonUnavailableError(
-                f"nothing listens on {self.path}: qusd stopped or crashed; "
-                "start it with 'systemctl start qusd'"
-            ) from None
-        except PermissionError:
-            raise SocketPermissionError(
-                f"permission denied on {self.path}: ask an admin to add you to the "
-                "qusd group (then log in again)"
-            ) from None
-        except (OSError, http.client.HTTPException) as e:
-            raise DaemonUnavailableError(f"talking to qusd at {self.path} failed: {e}") from None
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)

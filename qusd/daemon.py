@@ -10,12 +10,16 @@ from __future__ import annotations
 import argparse
 import fcntl
 import grp
+import json
 import logging
 import os
 import socket
 import stat
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import fields
+from typing import Any
 
 from qusd import __version__, catalog, config, feed, sandbox, systemd_glue
 from qusd.binfmt import BinfmtMisc
@@ -23,8 +27,65 @@ from qusd.config import Config
 from qusd.errors import QusdError, SocketInUseError
 from qusd.service import Service
 from qusd.state import State
+from qusd.text import DIRECTORY, FILE, complete
 
 log = logging.getLogger("qusd")
+
+
+#: the options that are settings (qusd.toml(5)); the rest pick a command
+SETTINGS = (
+    "socket", "state_dir", "binfmt_path", "interpreter_dirs", "catalog",
+    "reconcile_interval", "log_level", "sandbox",
+)  # fmt: skip
+
+
+def settings_options(p: argparse.ArgumentParser, sub: bool) -> None:
+    """The options, accepted before or after the command alike: the
+    commands' copies default to SUPPRESS, so a value given before the
+    command is not reset after it."""
+    none = argparse.SUPPRESS if sub else None
+
+    def add(*args: str, what: str | None = None, **kw: Any) -> None:
+        action = p.add_argument(*args, default=none, **kw)
+        if what is not None:
+            complete(action, what)
+
+    add(
+        "--config",
+        metavar="FILE",
+        what=FILE,
+        help="settings file (default $QUSD_CONFIG or /etc/qusd/qusd.toml)",
+    )
+    add("--socket", metavar="PATH", what=FILE, help="API socket (default /run/qusd/qusd.sock)")
+    add(
+        "--state-dir", metavar="DIR", what=DIRECTORY, help="state directory (default /var/lib/qusd)"
+    )
+    add(
+        "--binfmt-path",
+        metavar="PATH",
+        what=DIRECTORY,
+        help="binfmt_misc mount (default /proc/sys/fs/binfmt_misc)",
+    )
+    add(
+        "--interpreter-dir",
+        action="append",
+        metavar="DIR",
+        dest="interpreter_dirs",
+        what=DIRECTORY,
+        help="where interpreters are looked up, in order (repeatable; default /usr/bin, "
+        "/usr/local/bin, /usr/libexec/qemu-binfmt)",
+    )
+    add("--catalog", choices=config.CATALOG_SOURCES, help="target table source")
+    add(
+        "--reconcile-interval",
+        type=float,
+        metavar="SECONDS",
+        help="how often to re-register persistent entries another tool removed (0: never)",
+    )
+    add("--log-level", choices=config.LOG_LEVELS)
+    add("--sandbox", action="store_const", const=True,
+        help="run in a new user + mount namespace with a private binfmt_misc (Linux >= 6.7): "
+        "nothing outside it changes; works without privilege")  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,46 +93,61 @@ def parser() -> argparse.ArgumentParser:
         prog="qusd",
         description="Keep QEMU user-mode binfmt_misc registrations alive and serve them over "
         "a Unix-socket JSON API. Settings come from /etc/qusd/qusd.toml, then QUSD_* "
-        "environment variables, then these options.",
+        "environment variables, then these options (before or after the command).",
     )
     p.add_argument("--version", action="version", version=f"qusd {__version__}")
-    p.add_argument(
-        "command",
-        nargs="?",
-        choices=["serve", "restore"],
-        default="serve",
-        help="serve (default): restore, then serve the API; restore: restore and exit",
-    )
-    p.add_argument("--config", metavar="FILE", help="settings file (default /etc/qusd/qusd.toml)")
-    p.add_argument("--socket", metavar="PATH", help="API socket (default /run/qusd/qusd.sock)")
-    p.add_argument("--state-dir", metavar="DIR", help="state directory (default /var/lib/qusd)")
-    p.add_argument(
-        "--binfmt-path", metavar="PATH", help="binfmt_misc mount (default /proc/sys/fs/binfmt_misc)"
-    )
-    p.add_argument(
-        "--interpreter-dir",
-        action="append",
-        metavar="DIR",
-        dest="interpreter_dirs",
-        help="where interpreters are looked up, in order (repeatable; default /usr/bin, "
-        "/usr/local/bin, /usr/libexec/qemu-binfmt)",
-    )
-    p.add_argument("--catalog", choices=config.CATALOG_SOURCES, help="target table source")
-    p.add_argument(
-        "--reconcile-interval",
-        type=float,
-        metavar="SECONDS",
-        help="how often to re-register persistent entries another tool removed (0: never)",
-    )
-    p.add_argument("--log-level", choices=config.LOG_LEVELS)
-    p.add_argument(
-        "--sandbox",
-        action="store_true",
-        default=None,
-        help="run in a new user + mount namespace with a private binfmt_misc (Linux >= 6.7): "
-        "nothing outside it changes; works without privilege",
-    )
+    settings_options(p, sub=False)
+    common = argparse.ArgumentParser(add_help=False)
+    settings_options(common, sub=True)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    p.set_defaults(command="serve")
+    sub.add_parser(
+        "serve", parents=[common], help="restore, then serve the API (the default)",
+        description="Restore the persistent registrations from the state, then serve the "
+        "API on the socket until SIGTERM or SIGINT (then finish the requests in flight and "
+        "exit 0). While it serves, re-register persistent entries another tool removed.",
+    )  # fmt: skip
+    sub.add_parser(
+        "restore", parents=[common], help="restore the registrations and exit (early boot)",
+        description="Restore the persistent registrations from the state into the kernel, "
+        "then exit: 0 when every one was restored, 1 when one failed.",
+    )  # fmt: skip
+    c = sub.add_parser(
+        "check-config", parents=[common], help="validate the settings and print them",
+        description="Read the settings as the daemon does at start (file, QUSD_* "
+        "environment, options), validate them with the same code, and print the result as "
+        "a settings file; on a bad setting, name it and exit 78. Changes nothing.",
+    )  # fmt: skip
+    complete(
+        c.add_argument(
+            "file", nargs="?", metavar="FILE",
+            help="the settings file to check (default: --config, $QUSD_CONFIG or "
+            f"{config.DEFAULT_CONFIG_FILE})",
+        ),
+        FILE,
+    )  # fmt: skip
     return p
+
+
+def check_config(cfg: Config) -> str:
+    """The effective settings as a qusd.toml that loads back to cfg."""
+    lines = [f"# valid; from {', '.join(cfg.sources)}", "[qusd]"]
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "sources":
+            continue
+        if f.name == "socket_mode":
+            text = f'"{value:o}"'
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        elif isinstance(value, tuple):
+            text = "[" + ", ".join(json.dumps(v) for v in value) + "]"
+        else:
+            text = json.dumps(value)
+        lines.append(f"{f.name} = {text}")
+    return "\n".join(lines)
 
 
 def build_service(cfg: Config, sandbox_pid: int | None = None) -> Service:
@@ -118,8 +194,8 @@ def bind_unix(path: str, mode: int, group: str | None = None) -> socket.socket:
             os.chown(path, -1, grp.getgrnam(group).gr_gid)
         except KeyError:
             log.warning(
-                "group %r does not exist: only root can reach %s (create it with "
-                "'groupadd --system %s')", group, path, group,
+                "group %r does not exist: only the socket's owner and root can reach %s "
+                "(create it with 'groupadd --system %s')", group, path, group,
             )  # fmt: skip
         except OSError as e:
             log.warning("cannot give %s to group %s: %s", path, group, e.strerror)
@@ -145,10 +221,13 @@ def lock_state_dir(state_dir: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = parser().parse_args(argv)
-    flags = {k: v for k, v in vars(ns).items() if k not in ("command", "config")}
+    flags = {k: getattr(ns, k) for k in SETTINGS}
     if flags.get("interpreter_dirs"):
         flags["interpreter_dirs"] = tuple(flags["interpreter_dirs"])
     try:
+        if ns.command == "check-config":
+            print(check_config(config.load(flags, os.environ, ns.file or ns.config)))
+            return 0
         cfg = config.load(flags, os.environ, ns.config)
         systemd_glue.setup_logging(cfg.log_level)
         sandbox_pid = None
@@ -170,7 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         lock_state_dir(cfg.state_dir)
         svc = build_service(cfg, sandbox_pid)
         svc.ensure_mounted()
+        started = time.perf_counter()
         report = svc.restore()
+        # for GET /metrics (qusd_restore_duration_seconds)
+        setattr(svc, "restore_seconds", time.perf_counter() - started)  # noqa: B010
         log.info("restore: %s", report.summary())
         if sock is None:
             return 1 if report.failed else 0

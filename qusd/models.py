@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationInfo,
@@ -23,7 +24,7 @@ from pydantic_core import PydanticCustomError
 
 from qusd import binfmt, interpreters, provision, verify
 from qusd.binfmt import Entry, Rule
-from qusd.catalog import Catalog
+from qusd.catalog import ALL, Catalog, wants_all
 from qusd.errors import InvalidRuleError, QusdError
 from qusd.service import Registration, TargetInfo
 
@@ -60,13 +61,62 @@ def _field(check: Any) -> Any:
     return AfterValidator(validate)
 
 
-Hex = Annotated[str, AfterValidator(_hex), Field(max_length=2 * binfmt.BINPRM_BUF_SIZE)]
+# What the OpenAPI document promises: every request it calls valid, the
+# daemon takes (or refuses only for the state of the machine: a missing
+# interpreter, an existing entry, the caller's role). Where the checks below
+# go further than JSON Schema can say (a name's bytes, a rule's total
+# length), the document asks for a little less: printable ASCII, shorter
+# fields; the checks themselves stay those of qusd.binfmt.
+
+#: printable ASCII but the rule's delimiter ":", as a regex character class
+_TEXT = r"\x20-\x39\x3b-\x7e"
+#: and no "/" (the kernel makes a file of a name)
+_NO_SLASH = r"\x20-\x2e\x30-\x39\x3b-\x7e"
+#: and no "." (the kernel matches an extension after the last dot)
+_NO_DOT = r"\x20-\x2d\x30-\x39\x3b-\x7e"
+
+
+def _whole(value: Any) -> Any:
+    """A JSON number with no fraction (80.0) is the integer JSON Schema says
+    it is; anything else goes to the strict int check as it came."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+#: an integer, as JSON Schema's "integer" (80.0 included)
+JsonInt = Annotated[int, BeforeValidator(_whole)]
+
+Hex = Annotated[
+    str,
+    AfterValidator(_hex),
+    Field(
+        max_length=2 * binfmt.BINPRM_BUF_SIZE,
+        description="hex, two digits per byte",
+        json_schema_extra={"pattern": "^(?:[0-9a-fA-F]{2})+$", "maxLength": 256},
+    ),
+]
 Flags = Annotated[
     str,
-    Field(max_length=8, description="binfmt_misc flags: any of P, O, C, F"),
+    Field(
+        max_length=8,
+        description="binfmt_misc flags: any of P, O, C, F",
+        json_schema_extra={"pattern": "^[POCF]*$"},
+    ),
     _field(binfmt.check_flags),
 ]
-Name = Annotated[str, Field(min_length=1, max_length=255), _field(binfmt.check_name)]
+Name = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=255,
+        json_schema_extra={
+            "pattern": f"^[{_NO_SLASH}]+$",
+            "not": {"enum": sorted(binfmt.RESERVED_NAMES)},
+        },
+    ),
+    _field(binfmt.check_name),
+]
 
 
 class Request(BaseModel):
@@ -76,13 +126,41 @@ class Request(BaseModel):
 class EntrySpec(Request):
     """A custom rule: any magic or extension, any interpreter."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            # magic and mask, or an extension and neither (nor an offset)
+            "anyOf": [
+                {"properties": {"type": {"const": "magic"}, "magic": {"type": "string"},
+                                "extension": {"type": "null"}},
+                 "required": ["magic"]},
+                {"properties": {"type": {"const": "extension"},
+                                "extension": {"type": "string"}, "magic": {"type": "null"},
+                                "mask": {"type": "null"}, "offset": {"const": 0}},
+                 "required": ["type", "extension"]},
+            ]
+        }
+    )  # fmt: skip
+
     name: Name
     type: Literal["magic", "extension"] = "magic"
-    offset: int = Field(0, ge=0, lt=binfmt.BINPRM_BUF_SIZE)
+    offset: JsonInt = Field(
+        0, ge=0, lt=binfmt.BINPRM_BUF_SIZE, json_schema_extra={"maximum": 127}
+    )  # with 128 bytes of magic at most, it always fits the 256 the kernel reads
     magic: Hex | None = None
-    mask: Hex | None = None
-    extension: Annotated[str, _field(binfmt.check_extension)] | None = None
-    interpreter: Annotated[str, Field(max_length=1024), _field(binfmt.check_interpreter)]
+    mask: Hex | None = Field(None, description="as long as magic")
+    extension: (
+        Annotated[
+            str,
+            Field(json_schema_extra={"pattern": f"^[{_NO_DOT}]+$", "maxLength": 128}),
+            _field(binfmt.check_extension),
+        ]
+        | None
+    ) = None  # fmt: skip
+    interpreter: Annotated[
+        str,
+        Field(max_length=1024, json_schema_extra={"pattern": f"^/[{_TEXT}]*$", "maxLength": 512}),
+        _field(binfmt.check_interpreter),
+    ]
     flags: Flags = ""
 
     # Checks that need an earlier field run here, so the error names the field.
@@ -163,6 +241,16 @@ class RegisterRequest(Request):
         "owned by root and writable by nobody else",
     )
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            # either targets (and flags) or entry
+            "anyOf": [
+                {"properties": {"entry": {"type": "null"}}},
+                {"properties": {"targets": {"type": "null"}, "flags": {"type": "null"}}},
+            ]
+        }
+    )
+
     @field_validator("targets")
     @classmethod
     def _known(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
@@ -176,7 +264,14 @@ class RegisterRequest(Request):
 
 
 def _known_targets(value: list[str] | None, info: ValidationInfo) -> list[str] | None:
-    """Target names the catalog knows (its aliases too), printable."""
+    """Target names the catalog knows (its aliases too), printable; ["all"]
+    (alone) is every foreign target: None, as if no targets were given."""
+    if value is not None and ALL in value:
+        try:
+            wants_all(value)
+        except QusdError as e:
+            raise _invalid(e.reason) from None
+        return None
     catalog: Catalog | None = (info.context or {}).get("catalog")
     for name in value or []:
         if any(c.isspace() or not c.isprintable() for c in name):
@@ -221,7 +316,7 @@ class InstallRequest(Request):
     @field_validator("targets")
     @classmethod
     def _known(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        _known_targets(value, info)
+        _known_targets(value, info)  # checked; "all" (alone) stays, for the service
         return value
 
     @field_validator("deb")

@@ -144,8 +144,9 @@ def plan(req: Request, cat: catalog.Catalog, host_family: str, dirs: Sequence[st
     else:
         targets = cat.resolve(req.names)
     policy.check_foreign_request(
-        targets, asked, host_family, ALLOWED_FLAGS, who="containers", refused="not allowed"
-    )
+        targets, asked, host_family, ALLOWED_FLAGS, who="containers", refused="not allowed",
+        setting="what the hook registers", fix="annotate run.qusd.emulate.flags={flags}",
+    )  # fmt: skip
     flags = normalize_flags(asked)
     guard = policy.Policy(
         Config(),

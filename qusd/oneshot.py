@@ -29,6 +29,7 @@ from qusd.binfmt import DEFAULT_PATH, BinfmtMisc, Entry
 from qusd.catalog import is_qemu_entry
 from qusd.errors import InterpreterError, QusdError
 from qusd.table import Action, Want
+from qusd.text import DIRECTORY, complete, reader_gone, words
 from qusd.text import table as text_table
 
 INTERPRETER_FIX = (
@@ -66,7 +67,7 @@ def register(ns: argparse.Namespace) -> list[dict[str, Any]]:
     family = catalog.family_of(catalog.host_machine())
     names = split_targets(ns.targets)
     dirs = ns.interpreter_dir or interpreters.search_path()
-    if not names or names == ["all"]:
+    if catalog.wants_all(names):
         targets = interpreters.foreign_with_interpreters(cat, family, dirs)
         if not targets:
             raise InterpreterError(
@@ -219,22 +220,22 @@ def parser() -> argparse.ArgumentParser:
         "is left unchanged, another definition of the same name is an error unless "
         "--replace. Mounts binfmt_misc when it is not.",
     )  # fmt: skip
-    s.add_argument(
+    complete(s.add_argument(
         "targets", nargs="*", metavar="TARGET",
         help="targets or aliases (aarch64, arm64, linux/arm/v7); several per argument may be "
         "separated by spaces, commas or newlines; none or 'all': every target of another "
         "family than the host's that has an interpreter",
-    )  # fmt: skip
+    ), words("targets", catalog.completion_names()))  # fmt: skip
     s.add_argument("--flags", default="F", help="binfmt_misc flags (default F; C is never implied)")
     s.add_argument("--replace", action="store_true", help="overwrite other definitions")
     s.add_argument("--catalog", choices=["builtin", "binfmt.d"], default="builtin")
-    s.add_argument(
+    complete(s.add_argument(
         "--interpreter-dir", action="append", metavar="DIR",
         default=[d for d in os.environ.get("QUSD_INTERPRETER_DIRS", "").split(":") if d] or None,
         help="where qemu-<cpu>[-static] are (repeatable; default: $QUSD_INTERPRETER_DIRS or "
         "/var/lib/qusd/interpreters (see interpreters install), /usr/bin, /usr/local/bin, "
         "/usr/libexec/qemu-binfmt)",
-    )  # fmt: skip
+    ), DIRECTORY)  # fmt: skip
     s.set_defaults(func=register, empty="nothing to register")
     s = sub.add_parser("list", parents=[common], help="list every entry",
                        description="List every binfmt_misc entry, qemu or not.")  # fmt: skip
@@ -260,13 +261,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QusdError as e:
         print(f"qusd-binfmt: {e.message}", file=sys.stderr)
         return e.exit_status
-    if ns.json:
-        print(json.dumps(rows, indent=2))
-    elif rows:
-        cells = [[r["name"], r["flags"] or "-", r["result"], r["interpreter"]] for r in rows]
-        print(text_table(cells, ["NAME", "FLAGS", "RESULT", "INTERPRETER"]))
-    else:
-        print(ns.empty)
+    except KeyboardInterrupt:
+        return 130
+    try:
+        if ns.json:
+            print(json.dumps(rows, indent=2))
+        elif rows:
+            cells = [[r["name"], r["flags"] or "-", r["result"], r["interpreter"]] for r in rows]
+            print(text_table(cells, ["NAME", "FLAGS", "RESULT", "INTERPRETER"]))
+        else:
+            print(ns.empty)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        reader_gone()
     return 0
 
 

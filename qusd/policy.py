@@ -31,6 +31,12 @@ from qusd.errors import ForbiddenError, HostTypeError, InterpreterError, Untrust
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
 NGROUPS_MAX = 65536
 NEVER_FOR_USERS = frozenset("CO")
+#: why users may never ask for these flags
+FLAG_RISKS = {
+    "C": "C runs the interpreter with the binary's set-uid credentials (root's, for a "
+    "root-owned set-uid program)",
+    "O": "O hands the interpreter an open descriptor of programs its user may not read",
+}
 
 
 class Role(enum.Enum):
@@ -182,9 +188,16 @@ class Policy:
         may override each explicitly."""
         admin = self.role(caller) is Role.ADMIN
         if force and not admin:
-            raise ForbiddenError("force is admin-only")
+            raise ForbiddenError(
+                "force is admin-only (qusctl register --force): only admins may register a "
+                "rule that matches the host's own programs"
+            )
         if allow_untrusted and not admin:
-            raise ForbiddenError("allow_untrusted_interpreter is admin-only")
+            raise ForbiddenError(
+                "allow_untrusted_interpreter is admin-only (qusctl register "
+                "--allow-untrusted-interpreter): only admins may register an interpreter others "
+                "could replace"
+            )
         if not force:
             self.check_host_types(rule)
         if not allow_untrusted:
@@ -195,8 +208,8 @@ class Policy:
             if rule.matches(header):
                 raise HostTypeError(
                     f"{rule.name} would match the host's own programs ({self.host_family} "
-                    "ELF): every exec on the machine would go to its interpreter; an admin "
-                    "may pass force if that is really meant"
+                    "ELF): every exec on the machine would go to its interpreter; if that is "
+                    "really meant, an admin may force it (qusctl register --force)"
                 )
 
 
@@ -209,6 +222,8 @@ def check_foreign_request(
     who: str = "users",
     refused: str = "admin-only",
     is_native: Callable[[Target], bool] | None = None,
+    setting: str = "this daemon's user_flags setting",
+    fix: str = "register with --flags {flags} or ask an admin",
 ) -> None:
     """What anyone short of an admin may register (the daemon's users, the OCI
     hook's containers): targets the host does not run itself (is_native; by
@@ -218,12 +233,14 @@ def check_foreign_request(
             own = t.family == host_family
             why = f"of the host's own family ({host_family})" if own else "run natively"
             raise ForbiddenError(f"{t.name} is {why}: {who} may register only foreign targets")
-    bad = set(flags) - (set(allowed_flags) - NEVER_FOR_USERS)
+    allowed = set(allowed_flags) - NEVER_FOR_USERS
+    bad = sorted(set(flags) - allowed)
     if bad:
-        allowed = "".join(sorted(set(allowed_flags) - NEVER_FOR_USERS)) or "none"
+        risks = "; ".join(FLAG_RISKS.get(f, f"{f} is not in {setting}") for f in bad)
+        usable = "".join(sorted(allowed))
         raise ForbiddenError(
-            f"flag(s) {''.join(sorted(bad))} are {refused} ({who} may use: {allowed}); "
-            "C runs the interpreter with the binary's set-uid credentials"
+            f"flag(s) {''.join(bad)} are {refused} ({who} may use: {usable or 'none'}): "
+            f"{risks}; {fix.format(flags=usable or repr(''))}"
         )
 
 
@@ -287,8 +304,8 @@ def check_trusted(path: str) -> None:
         st = os.stat(real)
     except FileNotFoundError:
         raise InterpreterError(
-            f"interpreter {path} does not exist: install it first (admins may pass "
-            "allow_untrusted_interpreter to register it before it exists, without F)"
+            f"interpreter {path} does not exist: install it first (an admin may register "
+            "it before it exists, without F, with qusctl register --allow-untrusted-interpreter)"
         ) from None
     except OSError as e:
         raise InterpreterError(f"interpreter {path}: {e.strerror}") from None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -178,7 +179,11 @@ def spawn(
 
 
 def exec_in(argv: Sequence[str]) -> None:
-    """Replace this process with argv; a missing program is a clear error."""
+    """Replace this process with argv; a missing program is a clear error.
+    The signals Python ignores (SIGPIPE, SIGXFSZ) get their defaults back
+    first, as subprocess does: `yes | head` must end yes."""
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
     try:
         os.execvp(argv[0], list(argv))
     except OSError as e:

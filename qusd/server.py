@@ -22,6 +22,7 @@ from qusd import api, systemd_glue
 from qusd.config import Config
 from qusd.middleware import GUARD
 from qusd.service import RestoreReport, Service
+from qusd.text import plural
 
 log = logging.getLogger("qusd")
 
@@ -133,7 +134,7 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     where = sock.getsockname()
     regs = svc.registrations() if svc.kernel.is_mounted() else []
-    log.info("serving on %s (%d entries, %d managed)", where, len(regs),
+    log.info("serving on %s (%s, %d managed)", where, plural(len(regs), "entry", "entries"),
              sum(r.managed for r in regs))  # fmt: skip
     systemd_glue.notify(
         "READY=1",

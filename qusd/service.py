@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from qusd import __version__, interpreters, native, provision, table, verify
 from qusd.binfmt import BinfmtMisc, Entry, Rule
-from qusd.catalog import Catalog, Target, family_of, host_machine, is_qemu_entry
+from qusd.catalog import Catalog, Target, family_of, host_machine, is_qemu_entry, wants_all
 from qusd.config import Config
 from qusd.errors import ForbiddenError, NoSuchEntryError, NotMountedError, QusdError
 from qusd.events import Events
@@ -629,7 +629,10 @@ class Service:
         if not store:
             raise ForbiddenError("no interpreter_store is set in the settings: nowhere to install")
         done = provision.install(
-            self.catalog.resolve(names), deb, store, self.config.interpreter_cache
+            self.catalog.foreign(self.family) if wants_all(names) else self.catalog.resolve(names),
+            deb,
+            store,
+            self.config.interpreter_cache,
         )
         for item in done:
             log.info("uid %d installed %s (%s %s, sha256 %s)", caller.uid, item.path,

@@ -25,13 +25,14 @@ from pathlib import Path
 
 import pytest
 
+from tests import test_completion
 from tests.conftest import FOREIGN_DIR, ROOT, needs_sandbox
 
 VENV = "/usr/lib/qusd"
 COMMANDS = ("qusd", "qusctl", "qusd-binfmt", "qusd-oci-hook")
 CONSTRAINTS = ROOT / "packaging/constraints.txt"
 #: What builds the venv (pinned too) but is not in the package.
-BUILD_ONLY = {"pip", "setuptools"}
+BUILD_ONLY = {"pip", "setuptools", "shtab"}
 VERSION: str = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 HOST_UNITS = Path("/usr/lib/systemd/system")
 #: The caller's Python settings must not reach the bundled interpreter.
@@ -305,6 +306,19 @@ def test_files(root: Path) -> None:
     ]  # fmt: skip
 
 
+def test_shell_completion(root: Path, tmp_path: Path) -> None:
+    """bash, zsh and fish complete qusd, qusctl and qusd-binfmt from the
+    files the package installs where each shell looks for them (generated
+    at build time from the parsers by shtab, which is not shipped)."""
+    share = root / "usr/share"
+    for prog in COMMANDS:
+        for path in (f"bash-completion/completions/{prog}", f"zsh/vendor-completions/_{prog}",
+                     f"fish/vendor_completions.d/{prog}.fish"):  # fmt: skip
+            assert (share / path).stat().st_mode & 0o7777 == 0o644, path
+    for shell in sorted(test_completion.COMPLETERS):
+        test_completion.check_completes(share, shell, tmp_path)
+
+
 def test_venv_is_debians_python(root: Path) -> None:
     venv = root / VENV.lstrip("/")
     cfg = venv_cfg(root)
@@ -315,7 +329,7 @@ def test_venv_is_debians_python(root: Path) -> None:
     names = {p.name.lower() for p in site_packages(root).iterdir()}
     for dist in ("qusd", "aiohttp", "pydantic", "pydantic_core", "systemd_python"):
         assert any(n.startswith(f"{dist}-") and n.endswith(".dist-info") for n in names), dist
-    for tool in ("pip", "setuptools", "wheel", "_distutils_hack"):
+    for tool in ("pip", "setuptools", "wheel", "_distutils_hack", "shtab"):
         assert tool not in names, f"nothing at run time needs {tool}"
     # Nothing refers to where the package was built.
     for path in [venv / "pyvenv.cfg", *(root / "usr/bin/" / p for p in COMMANDS)]:

@@ -155,3 +155,15 @@ def test_the_kernel_refusing_the_second_rule_puts_the_table_back(
     assert [(r.split()[0], r.split()[2]) for r in res.stdout.splitlines()[1:]] == [
         ("qemu-aarch64", "replaced"), ("qemu-s390x", "registered")
     ]  # fmt: skip
+
+
+def test_json_before_or_after_the_command_and_all(sbx: Sandbox) -> None:
+    after = oneshot(sbx, "register", "all", "--json")
+    assert after.returncode == 0, after.stderr
+    names = [r["name"] for r in json.loads(after.stdout)]
+    assert "qemu-aarch64" in names and "qemu-x86_64" not in names
+    assert json.loads(oneshot(sbx, "list", "--json").stdout) == json.loads(
+        oneshot(sbx, "--json", "list").stdout
+    )
+    res = oneshot(sbx, "register", "all", "arm64")
+    assert res.returncode == 65 and "'all' means every foreign target" in res.stderr

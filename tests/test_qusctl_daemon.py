@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -328,3 +329,43 @@ def test_qusd_socket_environment_variable(daemon: Daemon, tmp_path: Path) -> Non
     # --socket wins over the variable
     out = ok(qusctl(daemon.socket, "list", env={"QUSD_SOCKET": elsewhere}))
     assert "qemu-aarch64" in out
+
+
+# -- conventions ------------------------------------------------------------------------
+
+
+def test_options_before_or_after_the_command_and_all(daemon: Daemon) -> None:
+    interpreter("aarch64")
+    host = catalog.family_of(catalog.host_machine())
+    want = [t.entry_name for t in interpreters.foreign_with_interpreters(catalog.builtin(), host)]
+    doc = json.loads(ok(qusctl(None, "--json", "register", "all", "--socket", daemon.socket)))
+    assert [r["name"] for r in doc["registered"]] == want
+    before = json.loads(ok(qusctl(daemon.socket, "--json", "list")))
+    after = json.loads(ok(qusctl(None, "list", "--json", "--socket", daemon.socket)))
+    assert before == after == daemon.client.get("/v1/registrations")
+    doc = json.loads(ok(qusctl(daemon.socket, "unregister", "--json", "qemu-aarch64")))
+    assert doc == {"unregistered": ["qemu-aarch64"]}
+
+
+def test_list_json_into_a_closed_pipe_is_quiet(daemon: Daemon) -> None:
+    interpreter("aarch64")
+    ok(qusctl(daemon.socket, "register"))
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        res = subprocess.run([QUSCTL, "--socket", daemon.socket, "list", "--json"], stdout=w,
+                             stderr=subprocess.PIPE, timeout=60, check=False)  # fmt: skip
+    finally:
+        os.close(w)
+    assert (res.returncode, res.stderr) == (-signal.SIGPIPE, b"")
+
+
+def test_the_daemon_counts_in_words(daemon: Daemon, tmp_path: Path) -> None:
+    assert "(0 entries, 0 managed)" in daemon.log.read_text()
+    ok(qusctl(daemon.socket, "register", "arm64"))
+    daemon.stop()
+    again = Daemon(tmp_path)
+    try:
+        assert "(1 entry, 1 managed)" in again.log.read_text()
+    finally:
+        again.stop()

@@ -466,7 +466,9 @@ def test_user_registers_foreign_catalog_targets(accounts: Accounts, roled: Daemo
             {"targets": ["ppc64le"], "flags": flags},
             says=[
                 f"flag(s) {bad} are admin-only (users may use: FP)",
-                "C runs the interpreter with the binary's set-uid credentials",
+                *(["C runs the interpreter with the binary's set-uid credentials"] * ("C" in bad)),
+                *(["O hands the interpreter an open descriptor"] * ("O" in bad)),
+                "register with --flags FP or ask an admin",
             ],
         )
     # custom rules, and so interpreters the client chose
@@ -789,7 +791,7 @@ def test_rules_for_the_hosts_own_programs(accounts: Accounts, roled: Daemon) -> 
                 code="host-type",
                 says=[
                     f"qemu-{name} would match the host's own programs ({HOST_FAMILY} ELF)",
-                    "an admin may pass force",
+                    "an admin may force it (qusctl register --force)",
                 ],
             )
         # every ELF file, and with a mask that ignores everything: every file

@@ -1,11 +1,15 @@
 #!/bin/sh
 # Fetch Debian's busybox-static for the foreign architectures the tests run,
 # into DEST/<debian-arch>/busybox. Idempotent: present files are kept.
+#
+# apt downloads a foreign package only once dpkg knows the architecture
+# (dpkg --add-architecture) and apt has its index: that changes the machine,
+# needs root, and is said before it is done. Once that is done (by root,
+# once), anyone may fetch: `apt-get download` writes only into DEST.
 set -eu
 
 DEST="${1:-.cache/foreign}"
 ARCHS="${FOREIGN_ARCHS:-arm64 armhf armel ppc64el s390x mips64el i386}"
-
 # And, for the loader tests, a dynamically linked arm64 program (Debian's
 # busybox) and the arm64 C library it needs, unpacked in a tree of its own.
 EXTRAS="${FOREIGN_EXTRAS-arm64}"
@@ -18,19 +22,41 @@ for a in $EXTRAS; do
 done
 [ -z "$todo$extras" ] && exit 0
 
-if [ "$(id -u)" != 0 ]; then
-    echo "fetch: need root to add the dpkg architectures for:$todo" >&2
-    echo "fetch: run make as root once, or put the binaries at $DEST/<arch>/busybox" >&2
-    exit 1
-fi
-
-known="$(dpkg --print-architecture) $(dpkg --print-foreign-architectures | tr '\n' ' ')"
-added=0
+known=" $(dpkg --print-architecture) $(dpkg --print-foreign-architectures | tr '\n' ' ') "
+unknown=""
 for a in $todo $extras; do
-    case " $known " in *" $a "*) ;; *) dpkg --add-architecture "$a"; added=1 ;; esac
+    case "$known" in *" $a "*) ;; *) unknown="$unknown $a" ;; esac
 done
 
-if [ "$added" = 1 ]; then
+# apt has an index of busybox-static for arch a (apt-get update was run since
+# the architecture was added).
+indexed() { apt-cache show "$1" >/dev/null 2>&1; }
+unindexed=""
+for a in $todo; do
+    case " $unknown " in *" $a "*) ;; *) indexed "busybox-static:$a" || unindexed="$unindexed $a" ;; esac
+done
+for a in $extras; do
+    case " $unknown " in *" $a "*) ;; *) indexed "libc6:$a" || unindexed="$unindexed $a" ;; esac
+done
+
+if [ -n "$unknown$unindexed" ]; then
+    if [ "$(id -u)" != 0 ]; then
+        [ -n "$unknown" ] && echo "fetch: dpkg does not know the architectures:$unknown" >&2
+        [ -n "$unindexed" ] && echo "fetch: apt has no index of busybox-static for:$unindexed" >&2
+        cmd=""
+        for a in $unknown; do cmd="${cmd}dpkg --add-architecture $a; "; done
+        echo "fetch: that takes root, once for the machine: sudo sh -c '${cmd}apt-get update'" >&2
+        echo "fetch: (then make again), or put the binaries at $DEST/<arch>/busybox" >&2
+        exit 1
+    fi
+    if [ -n "$unknown" ]; then
+        echo "fetch: this changes the machine: adding the dpkg foreign architectures$unknown"
+        echo "fetch: (dpkg --add-architecture; apt can then download their packages, nothing"
+        echo "fetch: of them is installed; undo: dpkg --remove-architecture ARCH), then apt-get update"
+        for a in $unknown; do dpkg --add-architecture "$a"; done
+    else
+        echo "fetch: apt-get update: apt has no index of busybox-static for:$unindexed"
+    fi
     apt-get update -qq >/dev/null 2>&1 || echo "fetch: apt-get update reported errors" >&2
 fi
 
@@ -41,7 +67,7 @@ chmod 755 "$work"   # apt's sandbox user must be able to write here
 download() {
     (cd "$work" && apt-get download -qq "$1") 2>"$work/err"
 }
-# A mirror in mid-sync can fail one index; update (again) and retry.
+# A mirror in mid-sync can fail one index; update (again, as root) and retry.
 fetch() {
     tries=0
     until download "$1"; do
@@ -51,7 +77,7 @@ fetch() {
             echo "fetch: could not download $1" >&2
             exit 1
         fi
-        apt-get update -qq >/dev/null 2>&1 || true
+        if [ "$(id -u)" = 0 ]; then apt-get update -qq >/dev/null 2>&1 || true; fi
         sleep "$tries"
     done
 }
@@ -66,7 +92,7 @@ for a in $extras; do
     dpkg-deb -x "$(ls "$work"/libc6_*_"$a".deb)" "$DEST/$a/libc6.tmp"
     mv "$DEST/$a/libc6.tmp" "$DEST/$a/libc6"
     mv "$DEST/$a/busybox-dynamic.tmp" "$DEST/$a/busybox-dynamic"
-    rm -f "$work"/busybox_*_"$a".deb "$work"/libc6_*_"$a".deb
+    rm -rf "$work"/busybox_*_"$a".deb "$work"/libc6_*_"$a".deb "$work/x-$a"
     echo "fetch: $DEST/$a/busybox-dynamic, $DEST/$a/libc6"
 done
 for a in $todo; do

@@ -22,5 +22,8 @@ In a second terminal:
 Ctrl-C stops it; the registrations come back at the next 'make run'.
 
 MSG
+# The socket is yours (and in the sandbox, nobody else's table): a group
+# for it only when the machine has one.
+getent group qusd >/dev/null 2>&1 || export QUSD_SOCKET_GROUP=
 exec "$bin/qusd" --sandbox --socket "$sock" --state-dir "$run/state" \
     --config "$root/packaging/qusd.toml"

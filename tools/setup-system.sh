@@ -14,10 +14,11 @@ need() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed" 
 # qemu-system-x86 and qemu-utils (the boot test, tools/vm), lintian (the
 # package), inotify-tools; arch-test (mmdebstrap's check for a foreign
 # architecture's emulation) and sudo (the GitHub Action's step as a runner's
-# user runs it).
+# user runs it); bash-completion, zsh and fish (the shell completion,
+# completed by each).
 for pkg in qemu-user-static libsystemd-dev pkg-config gcc util-linux curl systemd passwd make groff-base \
     qemu-user podman buildah uidmap crun fuse-overlayfs slirp4netns mmdebstrap debootstrap \
-    qemu-system-x86 qemu-utils lintian inotify-tools arch-test sudo; do
+    qemu-system-x86 qemu-utils lintian inotify-tools arch-test sudo bash-completion zsh fish; do
     need "$pkg"
 done
 # The interpreter that builds the venv needs its headers (systemd-python
