@@ -302,7 +302,9 @@ async def list_interpreters(request: web.Request, _: None) -> web.Response:
 async def install_interpreters(request: web.Request, req: InstallRequest) -> web.Response:
     svc = request.app[SERVICE]
     done = await asyncio.to_thread(svc.install_interpreters, caller(request), req.targets, req.deb)
-    return reply(InstallResponse(installed=[ProvisionedOut.of(i) for i in done]), status=201)
+    response = reply(InstallResponse(installed=[ProvisionedOut.of(i) for i in done]), status=201)
+    response.headers["Location"] = "/v1/interpreters"
+    return response
 
 
 async def metrics(request: web.Request, _: None) -> web.Response:

@@ -307,7 +307,12 @@ class InstallRequest(Request):
     """Extract interpreters from a qemu-user-static package (admins)."""
 
     targets: list[TargetName] = Field(min_length=1, max_length=64)
-    deb: Annotated[str, Field(min_length=2, max_length=4096)] | None = Field(
+    deb: (
+        Annotated[
+            str, Field(min_length=2, max_length=4096, json_schema_extra={"pattern": "^/[^\\x00]+$"})
+        ]
+        | None
+    ) = Field(
         None,
         description="a qemu-user-static .deb on the daemon's machine, as an absolute path qusd "
         "can read; omitted: Debian's, downloaded with apt-get into interpreter_cache",

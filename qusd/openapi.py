@@ -55,14 +55,20 @@ def document(cat: Catalog | None = None) -> dict[str, Any]:
         [(m, "validation") for m in sorted(models, key=lambda m: m.__name__)],
         ref_template="#/components/schemas/{model}",
     )
-    targets = schemas["$defs"]["RegisterRequest"]["properties"]["targets"]
-    targets["anyOf"] = [
-        {"type": "array", "maxItems": 64,
-         "items": {"type": "string", "enum": target_names(cat or catalog.builtin())}},
-        {"const": [ALL], "description": "every target of another family than the host's "
-         "that has an interpreter"},
-        {"type": "null"},
-    ]  # fmt: skip
+    names = target_names(cat or catalog.builtin())
+    for schema in schemas["$defs"].values():  # every request that names targets
+        targets = schema.get("properties", {}).get("targets")
+        if targets is None:
+            continue
+        optional = any(s.get("type") == "null" for s in targets.get("anyOf", []))
+        for key in ("anyOf", "type", "items", "minItems", "maxItems"):
+            targets.pop(key, None)
+        targets["anyOf"] = [
+            {"type": "array", "minItems": 0 if optional else 1, "maxItems": 64,
+             "items": {"type": "string", "enum": names}},
+            {"const": [ALL], "description": "every target of another family than the host's"},
+            *([{"type": "null"}] if optional else []),
+        ]  # fmt: skip
     problem_ref = {"$ref": "#/components/schemas/Problem"}
     paths: dict[str, dict[str, Any]] = {}
     for r in ROUTES:

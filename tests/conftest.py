@@ -235,6 +235,10 @@ class Daemon:
             *extra,
         ]  # fmt: skip
         self._log = self.log.open("wb")
+        env = dict(os.environ if env is None else env)
+        if "interpreter_store" not in self.config.read_text():
+            # never the machine's /var/lib/qusd: no store, unless a test sets one
+            env.setdefault("QUSD_INTERPRETER_STORE", "")
         self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self.client = Client(self.socket, timeout=30)
         self._inside: Sandbox | None = None

@@ -234,7 +234,9 @@ def test_qusd_binfmt_commands_are_described() -> None:
     res = subprocess.run([QUSD_BINFMT, "--help"], capture_output=True, text=True, timeout=60,
                          check=False)  # fmt: skip
     listed = re.findall(r"^    (\w+)\s+(\S.*)$", res.stdout, flags=re.M)
-    assert [name for name, _ in listed] == ["register", "list", "reset"]
+    assert [name for name, _ in listed] == [
+        "register", "list", "reset", "verify", "doctor", "interpreters"
+    ]  # fmt: skip
     for name, _ in listed:
         sub = subprocess.run([QUSD_BINFMT, name, "--help"], capture_output=True, text=True,
                              timeout=60, check=False).stdout  # fmt: skip

@@ -18,7 +18,7 @@ import pytest
 
 from qusd import catalog
 from qusd.client import Client
-from qusd.errors import QusdError
+from qusd.errors import DaemonUnavailableError, QusdError
 from qusd.state import Record, State
 from tests.conftest import ROOT, SANDBOX_REASON, Sandbox, interpreter
 
@@ -112,12 +112,18 @@ def test_socket_activation(tmp_path: Path) -> None:
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
-        for _ in range(200):
-            if sock.exists():
+        # systemd-socket-activate binds, then listens: until then a connection is
+        # refused; the first one that goes through starts the daemon, which
+        # answers on systemd's socket
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                regs = Client(str(sock), timeout=30).get("/v1/registrations")
                 break
-            time.sleep(0.02)
-        # the first connection starts the daemon, which answers on systemd's socket
-        regs = Client(str(sock), timeout=30).get("/v1/registrations")
+            except DaemonUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
         assert [(r["name"], r["persistent"]) for r in regs] == [("qemu-aarch64", True)]
         status = Client(str(sock)).get("/v1/status")
         assert status["sandbox"]["pid"] == proc.pid  # socket-activate exec'd qusd
