@@ -19,12 +19,18 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from qusd.config import Config
-from qusd.errors import MalformedRequestError, RequestTimeoutError, UnsupportedMediaTypeError
+from qusd.errors import (
+    ClientGoneError,
+    MalformedRequestError,
+    RequestTimeoutError,
+    UnsupportedMediaTypeError,
+)
 from qusd.middleware import (
     BUCKETS,
     CALLER_OF,
     CONFIG,
     NAMES,
+    READ_BUCKETS,
     SERVICE,
     CallerOf,
     audit,
@@ -64,13 +70,23 @@ async def locked(request: web.Request, fn: Callable[P, T], *args: P.args, **kw: 
 
 
 async def read_body(request: web.Request, model: type[BaseModel]) -> Any:
-    """Parse and validate a JSON body; an empty body counts as {}."""
+    """Parse and validate a JSON body; an empty body counts as {}. Bodies
+    come as they are: no Content-Encoding (the server decodes none)."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise UnsupportedMediaTypeError(
+            f"the body comes with Content-Encoding {printable(encoding)!r}: send the body "
+            "without Content-Encoding (plain JSON)",
+            accept_encoding="identity",
+        )
     timeout = request.app[CONFIG].body_timeout
     try:
         # aiohttp refuses more than client_max_size with 413
         raw = await asyncio.wait_for(request.read(), timeout)
     except TimeoutError:
         raise RequestTimeoutError(f"the body did not arrive within {timeout:g} s") from None
+    except ConnectionError:
+        raise ClientGoneError("the client went away before its body arrived") from None
     if not raw.strip():
         raw = b"{}"
     elif request.content_type != "application/json":
@@ -217,15 +233,18 @@ class Route:
 
 
 _CHANGE = (400, 403, 408, 413, 415, 422, 429, 503)
+_READ = (429,)  # reads are rate limited per uid too
 
 ROUTES = (
-    Route("GET", "/v1/health", health, "Liveness", response=Health),
-    Route("GET", "/v1/status", status, "Daemon, kernel and table status", response=Status),
-    Route("GET", "/v1/targets", targets, "The target catalog", response=TargetOut, many=True),
+    Route("GET", "/v1/health", health, "Liveness", response=Health, errors=_READ),
+    Route("GET", "/v1/status", status, "Daemon, kernel and table status", response=Status,
+          errors=_READ),
+    Route("GET", "/v1/targets", targets, "The target catalog", response=TargetOut, many=True,
+          errors=_READ),
     Route("GET", "/v1/registrations", list_registrations, "Every entry in the kernel",
-          response=RegistrationOut, many=True, errors=(503,)),
+          response=RegistrationOut, many=True, errors=(*_READ, 503)),
     Route("GET", "/v1/registrations/{name}", get_registration, "One entry",
-          response=RegistrationOut, errors=(404, 503)),
+          response=RegistrationOut, errors=(404, *_READ, 503)),
     Route("POST", "/v1/registrations", register, "Register targets or a custom entry",
           request=RegisterRequest, response=RegisterResponse, status=201,
           errors=(*_CHANGE, 409), audit=_register_names),
@@ -237,7 +256,7 @@ ROUTES = (
           errors=(403, 404, 429, 503), audit=_path_name),
     Route("POST", "/v1/reset", reset, "Remove managed, qemu-* or all entries",
           request=ResetRequest, response=ResetResponse, errors=_CHANGE, audit=_reset_scope),
-    Route("GET", "/openapi.json", openapi, "This document (OpenAPI 3.1)"),
+    Route("GET", "/openapi.json", openapi, "This document (OpenAPI 3.1)", errors=_READ),
 )  # fmt: skip
 
 
@@ -251,6 +270,7 @@ def make_app(
     app[SERVICE] = service
     app[CONFIG] = config
     app[BUCKETS] = RateLimiter(config.rate_limit, config.rate_burst)
+    app[READ_BUCKETS] = RateLimiter(config.read_rate_limit, config.read_rate_burst)
     app[CALLER_OF] = caller_of
     app[LOCK] = asyncio.Lock()
     for r in ROUTES:

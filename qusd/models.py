@@ -22,18 +22,14 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from qusd import binfmt
-from qusd.binfmt import Entry, Rule
+from qusd.binfmt import Entry, Rule, printable, raw
 from qusd.catalog import Catalog
 from qusd.errors import InvalidRuleError, QusdError
 from qusd.service import Registration, TargetInfo
 
+__all__ = ["printable"]  # models' users take it from here
+
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
-
-
-def printable(text: str) -> str:
-    """Text from the kernel as valid UTF-8: bytes that are not (another tool
-    may name an entry b"caf\\xe9") are shown as \\xHH escapes."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _invalid(reason: str) -> PydanticCustomError:
@@ -60,6 +56,15 @@ def _field(check: Any) -> Any:
     return AfterValidator(validate)
 
 
+def _no_dotdot(value: str) -> str:
+    if ".." in value.split("/"):
+        raise _invalid(
+            "must not contain '..': the kernel follows a symlink before '..', so the path "
+            "may lead elsewhere than it reads; give it without '..'"
+        )
+    return value
+
+
 Hex = Annotated[str, AfterValidator(_hex), Field(max_length=2 * binfmt.BINPRM_BUF_SIZE)]
 Flags = Annotated[
     str,
@@ -82,7 +87,9 @@ class EntrySpec(Request):
     magic: Hex | None = None
     mask: Hex | None = None
     extension: Annotated[str, _field(binfmt.check_extension)] | None = None
-    interpreter: Annotated[str, Field(max_length=1024), _field(binfmt.check_interpreter)]
+    interpreter: Annotated[
+        str, Field(max_length=1024), _field(binfmt.check_interpreter), AfterValidator(_no_dotdot)
+    ]
     flags: Flags = ""
 
     # Checks that need an earlier field run here, so the error names the field.
@@ -203,6 +210,14 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
 
 
+class RawFields(BaseModel):
+    """The exact bytes of text fields the kernel shows that are not UTF-8."""
+
+    name: str | None = Field(None, description="hex of the name's bytes")
+    interpreter: str | None = Field(None, description="hex of the interpreter path's bytes")
+    extension: str | None = Field(None, description="hex of the extension's bytes")
+
+
 class RegistrationOut(BaseModel):
     name: str
     enabled: bool
@@ -216,6 +231,21 @@ class RegistrationOut(BaseModel):
     managed: bool = Field(description="created by qusd")
     persistent: bool = Field(description="restored at every start")
     target: str | None = Field(description="the catalog target it runs, if any")
+    owner: int | None = Field(
+        description="the uid that registered it through qusd (users may change only their "
+        "own entries); null when qusd did not register it"
+    )
+    kept: bool = Field(
+        description="qusd keeps the name: an admin registered it, and qusd puts this "
+        'definition back when another tool replaces it (drift = "restore")'
+    )
+    raw: RawFields | None = Field(
+        description="Losslessly, the bytes of name, interpreter and extension when the kernel "
+        "shows bytes that are not UTF-8 (another tool may register any): each such field is "
+        "given here as hex of its exact bytes, while the field itself shows each byte that is "
+        "not UTF-8 as the four characters \\xHH. null when every field is valid UTF-8: the "
+        "fields are then exact."
+    )
 
     @classmethod
     def of(cls, reg: Registration) -> RegistrationOut:
@@ -234,7 +264,20 @@ class RegistrationOut(BaseModel):
             managed=reg.managed,
             persistent=reg.persistent,
             target=reg.target,
+            owner=reg.owner,
+            kept=reg.kept,
+            raw=_raw(e),
         )
+
+
+def _raw(e: Entry) -> RawFields | None:
+    texts = {"name": e.name, "interpreter": e.interpreter, "extension": e.extension}
+    fields = {
+        name: data.hex()
+        for name, text in texts.items()
+        if text is not None and (data := raw(text)) is not None
+    }
+    return RawFields(**fields) if fields else None
 
 
 class RegisterResponse(BaseModel):

@@ -114,12 +114,12 @@ async def test_audit_names_come_from_the_route(
     await c.get("/v1/registrations")  # reads leave no audit line
     lines = [r.getMessage() for r in caplog.records if r.name == "qusd.audit"]
     assert [(line.split("names=")[1]) for line in lines] == [
-        "arm64 result=201",
-        "qemu-aarch64 result=400",  # a refused body, the path's name still audited
-        "scope=all result=403",
-        "- result=422",
+        '"arm64" result="201"',
+        '"qemu-aarch64" result="400"',  # a refused body, the path's name still audited
+        '"scope=all" result="403"',
+        '"-" result="422"',
     ]
-    assert all(f"uid={CALLERS['user'].uid} " in line for line in lines)
+    assert all(f'uid="{CALLERS["user"].uid}" ' in line for line in lines)
 
 
 async def test_rate_limit(aiohttp_client: MakeClient, world: World) -> None:

@@ -82,7 +82,7 @@ def test_restore_every_branch(world: World) -> None:
     assert "could not restore qemu-sh4: the F flag opens" in svc.warnings["restore:qemu-sh4"]
     assert [(e.kind, e.names) for e in seen] == [
         ("conflict", ("qemu-m68k",)),
-        ("restored", ("qemu-s390x",)),
+        ("drift", ("qemu-s390x",)),  # another definition in its place: put back
         ("restored", ("qemu-riscv64",)),
     ]
     assert all(e.actor == "qusd" for e in seen) and [e.seq for e in seen] == [1, 2, 3]
