@@ -349,6 +349,9 @@ class Pinned:
             os.close(self.fd)
             self.fd = -1
 
+    def __del__(self) -> None:
+        self.close()
+
 
 def check_trusted(path: str, trust: Trust | None = None) -> Pinned:
     """The file the kernel will open for path, and every node its lookup

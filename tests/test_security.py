@@ -48,7 +48,15 @@ from qusd.binfmt import Rule
 from qusd.events import MESSAGE_IDS
 from qusd.state import FILENAME
 from tests import test_roles
-from tests.conftest import ROOT, Daemon, Sandbox, Shared, interpreter, needs_sandbox, python_for
+from tests.conftest import (
+    ROOT,
+    Daemon,
+    Sandbox,
+    Shared,
+    interpreter,
+    needs_sandbox,
+    python_for,
+)
 from tests.test_api import NO_BODY, PROBLEM_JSON, PYC, WINE, Reply, in_kernel, parse_http, unchanged
 from tests.test_daemon import EnteredDaemon
 from tests.test_hardening import http, http_json, vm_rss
@@ -597,6 +605,49 @@ def test_dotdot_cannot_walk_out_of_a_users_symlink(accounts: Accounts, workdir: 
         done = ok(d, admin, "POST", REG, entry_body("qemu-aarch64", str(good), flags="F",
                                                    **aarch64), status=201)  # fmt: skip
         assert done["registered"][0]["interpreter"] == str(good)
+
+
+def swapped_while_registering(directory: str) -> dict[str, object]:
+    """Runs inside a sandbox: the service registers an F entry whose
+    interpreter (in a root-owned tmpfs, trusted) is replaced by another file
+    between the check and the kernel's open, as a racer would. What the
+    service answered, and what the kernel and the state hold after."""
+    from qusd import catalog as cat  # noqa: PLC0415
+    from qusd.binfmt import BinfmtMisc  # noqa: PLC0415
+    from qusd.config import Config  # noqa: PLC0415
+    from qusd.errors import QusdError  # noqa: PLC0415
+    from qusd.policy import Caller  # noqa: PLC0415
+    from qusd.service import Service  # noqa: PLC0415
+    from qusd.state import State  # noqa: PLC0415
+    from tests.test_policy import _mount_tmpfs  # noqa: PLC0415
+
+    _mount_tmpfs("/mnt")
+    exe, other = Path("/mnt/qemu-x"), Path("/mnt/qemu-other")
+    for path in (exe, other):
+        shutil.copy("/bin/true", path)
+        path.chmod(0o755)
+
+    class Racing(BinfmtMisc):
+        def register(self, rule: Rule) -> Any:
+            os.rename(other, exe)  # after the check, before the kernel opens it
+            return super().register(rule)
+
+    svc = Service(Racing(), State(directory), cat.builtin(), Config())
+    rule = Rule("qusdt-race", str(exe), magic=b"QUSD", flags="F")
+    try:
+        svc.register_entry(Caller(0, 0, os.getpid()), rule)
+        said = "registered"
+    except QusdError as e:
+        said = f"{e.code}: {e.message}"
+    return {"said": said, "table": BinfmtMisc().names(), "state": State.load(directory).records}
+
+
+def test_an_interpreter_swapped_while_registering_is_undone(sbx: Sandbox, tmp_path: Path) -> None:
+    """The checked file is held open (O_PATH) until the kernel has opened the
+    path: if the path leads elsewhere then, the registration is undone."""
+    got = sbx.func("tests.test_security:swapped_while_registering", str(tmp_path / "state"))
+    assert got["said"].startswith("untrusted-interpreter: /mnt/qemu-x changed while it was "), got
+    assert got["table"] == [] and got["state"] == {}, got
 
 
 def test_rootless_daemon_trusts_only_root_and_its_user(
