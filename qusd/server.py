@@ -70,8 +70,11 @@ class ConnectionGuard:
         self.header_timeout = config.header_timeout
         self.privileged = privileged
         self.handler_args = handler_args
-        #: connections accepted and not yet closed (counted from the accept)
+        #: connections accepted and not yet closed (counted from the accept,
+        #: so that a batch of accepts cannot overshoot max_connections)
         self.open = 0
+        #: of those, the ones admitted (their peer known and within its share)
+        self.admitted = 0
         self.by_uid: dict[int, int] = {}
         self.refused = 0
         # handlers that have not had a whole request head yet; each leaves
@@ -96,7 +99,7 @@ class ConnectionGuard:
         except (OSError, AttributeError):
             who = Caller(uid=-1, gid=-1, pid=0)
         held = self.by_uid.get(who.uid, 0)
-        crowded = held >= self.per_uid or self.open > self.max_connections - self.reserved
+        crowded = held >= self.per_uid or self.admitted >= self.max_connections - self.reserved
         if who.uid != 0 and crowded and not self.privileged(who):
             self.open -= 1
             self.refused += 1
@@ -104,6 +107,7 @@ class ConnectionGuard:
             transport.close()
             return None
         self.by_uid[who.uid] = held + 1
+        self.admitted += 1
         handler = GuardedHandler(self.server, guard=self, peer=who, **self.handler_args)
         transport.set_protocol(handler)
         handler.connection_made(transport)
@@ -123,12 +127,14 @@ class ConnectionGuard:
         log.warning(
             "uid %d (pid %d) is over its share of connections (%d of %d held; %d of %d open, "
             "%d kept for root and admins): closed at once",
-            who.uid, who.pid, held, self.per_uid, self.open, self.max_connections, self.reserved,
+            who.uid, who.pid, held, self.per_uid, self.admitted, self.max_connections,
+            self.reserved,
         )  # fmt: skip
 
     def release(self, handler: GuardedHandler) -> None:
         """A handler's connection closed: off the books."""
         self.open -= 1
+        self.admitted -= 1
         uid = handler.peer.uid
         left = self.by_uid.get(uid, 0) - 1
         if left > 0:
