@@ -49,12 +49,12 @@ setup: $(VENV)/.installed $(FOREIGN)/.stamp
 # which checks the package too, so `make test` builds it (once).
 test: setup $(DEB)
 	$(MAKE) --no-print-directory lint test-unit
-	$(BIN)/python -m pytest --ignore=tests/unit $(PYTEST_ARGS)
+	QUSD_NO_SKIPS=1 $(BIN)/python -m pytest --ignore=tests/unit $(PYTEST_ARGS)
 
 # The unit layer alone: the service and the API in-process on a fake kernel.
 # Needs no root and no binfmt_misc; seconds.
 test-unit: $(VENV)/.installed
-	$(BIN)/python -m pytest -q tests/unit
+	QUSD_NO_SKIPS=1 $(BIN)/python -m pytest -q tests/unit
 
 # The daemon in a sandbox with its own binfmt_misc; socket and state in ./run.
 run: setup

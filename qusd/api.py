@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
@@ -18,11 +19,14 @@ from typing import Any, ParamSpec, TypeVar
 from aiohttp import web
 from pydantic import BaseModel
 
+from qusd import feed, stream
 from qusd.config import Config
 from qusd.errors import (
     ClientGoneError,
+    ForbiddenError,
     MalformedRequestError,
     RequestTimeoutError,
+    RequestValidationError,
     UnsupportedMediaTypeError,
 )
 from qusd.middleware import (
@@ -41,7 +45,10 @@ from qusd.middleware import (
 )
 from qusd.models import (
     EnableRequest,
+    EventOut,
     Health,
+    ImportRequest,
+    ReconcileResponse,
     RegisterRequest,
     RegisterResponse,
     RegistrationOut,
@@ -51,7 +58,8 @@ from qusd.models import (
     TargetOut,
     printable,
 )
-from qusd.policy import RateLimiter
+from qusd.policy import RateLimiter, Role
+from qusd.repair import Reconciler
 from qusd.service import Overrides, Service
 
 MAX_BODY = 64 * 1024
@@ -61,6 +69,10 @@ T = TypeVar("T")
 
 #: one table change at a time: the service is synchronous, the lock is ours
 LOCK: web.AppKey[asyncio.Lock] = web.AppKey("lock", asyncio.Lock)
+#: runs reconciles: on demand, on SIGHUP, when the watcher sees a change
+RECONCILER: web.AppKey[Reconciler] = web.AppKey("reconciler", Reconciler)
+#: the open event streams, ended when the daemon stops
+STREAMS: web.AppKey[set[stream.Listener]] = web.AppKey("streams")
 
 
 async def locked(request: web.Request, fn: Callable[P, T], *args: P.args, **kw: P.kwargs) -> T:
@@ -171,6 +183,95 @@ async def reset(request: web.Request, req: ResetRequest) -> web.Response:
     return reply(ResetResponse(removed=[printable(n) for n in removed]))
 
 
+async def import_entries(request: web.Request, req: ImportRequest) -> web.Response:
+    svc = request.app[SERVICE]
+    overrides = Overrides(req.force, req.allow_untrusted_interpreter)
+    result = await locked(request, svc.register_entries, caller(request),
+                          [e.rule() for e in req.entries], persistent=req.persistent,
+                          replace_existing=req.replace, overrides=overrides)  # fmt: skip
+    return reply(
+        RegisterResponse(
+            registered=[RegistrationOut.of(r) for r in result.registered],
+            unchanged=[RegistrationOut.of(r) for r in result.unchanged],
+        ),
+        status=201,
+    )
+
+
+async def reconcile(request: web.Request, _: None) -> web.Response:
+    svc, who = request.app[SERVICE], caller(request)
+    if svc.policy.role(who) is not Role.ADMIN:
+        raise ForbiddenError("reconcile is admin-only (qusd reconciles by itself on changes)")
+    report = await request.app[RECONCILER].once(["request"], actor=who.uid)
+    return reply(
+        ReconcileResponse(
+            restored=report.restored, adopted=report.adopted, conflicts=report.conflicts,
+            failed=report.failed, dropped=report.dropped, updated=report.updated,
+            repaired=report.repaired, summary=report.summary(),
+        )
+    )  # fmt: skip
+
+
+def _query_number(request: web.Request, name: str, lo: float, hi: float) -> float | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not lo <= value <= hi:
+        raise RequestValidationError(f"must be a number from {lo:g} to {hi:g}", field=name)
+    return value
+
+
+async def events(request: web.Request, _: None) -> web.StreamResponse:
+    """Newline-delimited JSON, one event a line, until the client leaves."""
+    svc = request.app[SERVICE]
+    since = _query_number(request, "since", 0, 2**63)
+    keepalive = _query_number(request, "keepalive", *stream.KEEPALIVE_RANGE) or stream.KEEPALIVE
+    ring = feed.ring(svc.events)
+    listener = stream.Listener(svc.events, request.transport)  # before the replay: no gap
+    streams = request.app[STREAMS]
+    streams.add(listener)
+    resp = web.StreamResponse(headers={"Content-Type": stream.NDJSON, "Cache-Control": "no-store"})
+    try:
+        await resp.prepare(request)
+        if since is not None:
+            backlog = ring.since(int(since))
+            now = time.time()
+            if backlog.restarted:
+                await resp.write(stream.line(stream.meta_doc(
+                    "lost", f"the daemon restarted since event {int(since)}; its events now "
+                    f"start again at 1", now, lost=None)))  # fmt: skip
+            if backlog.lost:
+                await resp.write(stream.line(stream.meta_doc(
+                    "lost", f"{backlog.lost} event(s) after {int(since)} are no longer held "
+                    f"(the daemon keeps the last {feed.RING_SIZE})", now,
+                    lost=backlog.lost)))  # fmt: skip
+            for old in backlog.events:
+                await resp.write(stream.line(stream.event_doc(old)))
+        while not listener.done:
+            ev = await listener.next(keepalive)
+            if ev is not None:
+                await resp.write(stream.line(stream.event_doc(ev)))
+            elif not listener.done:
+                await resp.write(stream.line(stream.meta_doc("keep-alive", "", time.time())))
+    except (ConnectionError, asyncio.CancelledError):
+        pass  # the client left, or was cut off
+    finally:
+        listener.close()
+        streams.discard(listener)
+    return resp
+
+
+async def _end_streams(app: web.Application) -> None:
+    """The daemon stops: every stream ends (clients see the end of the body)."""
+    streams: set[stream.Listener] = app[STREAMS]
+    for listener in list(streams):
+        listener.end()
+
+
 async def openapi(request: web.Request, _: None) -> web.Response:
     from qusd import openapi as doc  # noqa: PLC0415 - built on first request, not at start
 
@@ -196,6 +297,14 @@ def _reset_scope(request: web.Request, req: ResetRequest | None) -> list[str]:
     return [f"scope={req.scope}"] if req is not None else []
 
 
+def _import_names(request: web.Request, req: ImportRequest | None) -> list[str]:
+    return [e.name for e in req.entries] if req is not None else []
+
+
+def _nothing(request: web.Request, _: Any) -> list[str]:
+    return []
+
+
 # -- the route table: the one source of routes and of the OpenAPI document ----------
 
 
@@ -213,6 +322,10 @@ class Route:
     #: the entry names a request touches, for the audit line (the body is
     #: None when it was refused)
     audit: Callable[[web.Request, Any], Sequence[str]] | None = None
+    #: the response's media type
+    media: str = "application/json"
+    #: query parameters: (name, JSON schema type, description)
+    query: tuple[tuple[str, str, str], ...] = ()
 
     def bind(self) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         """The aiohttp handler: the path's names noted for the audit, the
@@ -256,6 +369,20 @@ ROUTES = (
           errors=(403, 404, 429, 503), audit=_path_name),
     Route("POST", "/v1/reset", reset, "Remove managed, qemu-* or all entries",
           request=ResetRequest, response=ResetResponse, errors=_CHANGE, audit=_reset_scope),
+    Route("POST", "/v1/import", import_entries,
+          "Register custom rules (from binfmt.d or update-binfmts files), all or none",
+          request=ImportRequest, response=RegisterResponse, status=201,
+          errors=(*_CHANGE, 409), audit=_import_names),
+    Route("POST", "/v1/reconcile", reconcile,
+          "Reconcile now: restore, repair status and mount, follow upgraded interpreters",
+          response=ReconcileResponse, errors=(403, 429), audit=_nothing),
+    Route("GET", "/v1/events", events,
+          "Every change, streamed as newline-delimited JSON while connected",
+          response=EventOut, media=stream.NDJSON, errors=(422, *_READ),
+          query=(("since", "integer", "replay the events after this sequence number that the "
+                  "daemon still holds (a 'lost' line says how many it does not)"),
+                 ("keepalive", "number", "seconds between keep-alive lines on an idle stream "
+                  f"(default {stream.KEEPALIVE:g})"))),
     Route("GET", "/openapi.json", openapi, "This document (OpenAPI 3.1)", errors=_READ),
 )  # fmt: skip
 
@@ -273,6 +400,10 @@ def make_app(
     app[READ_BUCKETS] = RateLimiter(config.read_rate_limit, config.read_rate_burst)
     app[CALLER_OF] = caller_of
     app[LOCK] = asyncio.Lock()
+    app[RECONCILER] = Reconciler(service, app[LOCK], config.reconcile_interval)
+    app[STREAMS] = set[stream.Listener]()
+    feed.ring(service.events)  # from now on (the daemon attached it before the restore)
+    app.on_shutdown.append(_end_streams)
     for r in ROUTES:
         app.router.add_route(r.method, r.path, r.bind())
     return app

@@ -17,7 +17,10 @@ from pathlib import Path
 from qusd.binfmt import Rule, magic_matches
 from qusd.errors import UnknownTargetError
 
-# target, family, magic, mask (hex), as in QEMU's scripts/qemu-binfmt-conf.sh.
+# target, family, magic, mask (hex), as in QEMU's scripts/qemu-binfmt-conf.sh,
+# but for one fix: upstream's microblaze rule wants bytes 16-17 (e_type, big
+# endian) to be 02 00, which no loader accepts, so it matched no program; here
+# it is 00 02 with mask ff fe (executables and shared objects), as Debian has it.
 _UPSTREAM_TABLE = """\
 i386          i386          7f454c4601010100000000000000000002000300 fffffffffffefe00fffffffffffffffffeffffff
 i486          i386          7f454c4601010100000000000000000002000600 fffffffffffefe00fffffffffffffffffeffffff
@@ -47,7 +50,7 @@ riscv32       riscv32       7f454c460101010000000000000000000200f300 fffffffffff
 riscv64       riscv64       7f454c460201010000000000000000000200f300 ffffffffffffff00fffffffffffffffffeffffff
 xtensa        xtensa        7f454c4601010100000000000000000002005e00 ffffffffffffff00fffffffffffffffffeffffff
 xtensaeb      xtensaeb      7f454c460102010000000000000000000002005e ffffffffffffff00fffffffffffffffffffeffff
-microblaze    microblaze    7f454c460102010000000000000000000200baab ffffffffffffff00fffffffffffffffffeffffff
+microblaze    microblaze    7f454c460102010000000000000000000002baab ffffffffffffff00fffffffffffffffffffeffff
 microblazeel  microblazeel  7f454c460101010000000000000000000200abba ffffffffffffff00fffffffffffffffffeffffff
 or1k          or1k          7f454c460102010000000000000000000002005c ffffffffffffff00fffffffffffffffffffeffff
 x86_64        i386          7f454c4602010100000000000000000002003e00 fffffffffffefe00fffffffffffffffffeffffff

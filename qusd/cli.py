@@ -10,14 +10,16 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from qusd import __version__, catalog, interpreters, sandbox
-from qusd.binfmt import DEFAULT_PATH, BinfmtMisc
+from qusd import __version__, catalog, interchange, interpreters, sandbox
+from qusd.binfmt import DEFAULT_PATH, BinfmtMisc, Rule
 from qusd.client import DEFAULT_SOCKET, Client, default_socket
-from qusd.errors import QusdError
+from qusd.errors import DaemonUnavailableError, NoSuchEntryError, QusdError
 from qusd.text import table
 
 
@@ -157,6 +159,101 @@ def cmd_reset(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reconcile(ns: argparse.Namespace) -> int:
+    doc = Client(ns.socket).request("POST", "/v1/reconcile")
+    _out(ns, doc, f"reconciled: {doc['summary']}")
+    return 0
+
+
+def _event_line(ev: dict[str, Any]) -> str:
+    actor = ev["actor"]
+    who = "" if actor is None else f" by {'qusd' if actor == 'qusd' else f'uid {actor}'}"
+    seq = f"#{ev['seq']}" if ev["seq"] else "-"
+    return f"{ev['time']} {seq} {ev['kind']}{who}: {ev['message']}"
+
+
+def cmd_watch(ns: argparse.Namespace) -> int:
+    """Print events as they come; reconnect (with since) when the daemon
+    restarts or cuts the stream, so nothing recent is missed."""
+    client = Client(ns.socket)
+    since: int | None = ns.since
+    connected = False
+    while True:
+        query = f"?since={since}" if since is not None else ""
+        try:
+            for ev in client.stream(f"/v1/events{query}"):
+                connected = True
+                if ev["seq"]:
+                    since = ev["seq"]
+                if ev["kind"] == "keep-alive":
+                    continue
+                print(json.dumps(ev) if ns.json else _event_line(ev), flush=True)
+        except DaemonUnavailableError:
+            if not connected or ns.once:
+                raise
+        if ns.once:
+            return 0
+        if since is None:
+            since = 0
+        time.sleep(1)
+
+
+def cmd_import(ns: argparse.Namespace) -> int:
+    found = interchange.read_paths(ns.paths)
+    if not found:
+        raise NoSuchEntryError(f"no rules in {', '.join(ns.paths)}")
+    body: dict[str, Any] = {
+        "entries": [_entry_spec(f.rule) for f in found],
+        "persistent": not ns.no_persist,
+        "replace": ns.replace,
+    }
+    if ns.force:
+        body["force"] = True
+    if ns.allow_untrusted_interpreter:
+        body["allow_untrusted_interpreter"] = True
+    doc = Client(ns.socket).request("POST", "/v1/import", body)
+    rows = [[*row, "registered"] for row in _reg_rows(doc["registered"])]
+    rows += [[*row, "unchanged"] for row in _reg_rows(doc["unchanged"])]
+    _out(ns, doc, table(rows, [*REG_HEADERS, "RESULT"]) if rows else "nothing to import")
+    return 0
+
+
+def _entry_spec(rule: Rule) -> dict[str, Any]:
+    if rule.extension is not None:
+        return {"name": rule.name, "type": "extension", "extension": rule.extension,
+                "interpreter": rule.interpreter, "flags": rule.flags}  # fmt: skip
+    spec: dict[str, Any] = {"name": rule.name, "type": "magic", "offset": rule.offset,
+                            "magic": rule.magic.hex(), "interpreter": rule.interpreter,
+                            "flags": rule.flags}  # fmt: skip
+    if rule.mask is not None:
+        spec["mask"] = rule.mask.hex()
+    return spec
+
+
+def _rule_of(reg: dict[str, Any]) -> Rule:
+    if reg["type"] == "extension":
+        return Rule(reg["name"], reg["interpreter"], extension=reg["extension"],
+                    flags=reg["flags"])  # fmt: skip
+    mask = bytes.fromhex(reg["mask"]) if reg["mask"] is not None else None
+    return Rule(reg["name"], reg["interpreter"], magic=bytes.fromhex(reg["magic"]), mask=mask,
+                offset=reg["offset"], flags=reg["flags"])  # fmt: skip
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    regs = Client(ns.socket).get("/v1/registrations")
+    chosen = [r for r in regs if r["managed"] and (r["persistent"] or ns.all)]
+    written = []
+    for reg in chosen:
+        note = "" if reg["enabled"] else "disabled in qusd, but binfmt.d registers it enabled"
+        if not reg["enabled"]:
+            print(f"qusctl: warning: {reg['name']} is disabled; systemd-binfmt will register "
+                  "it enabled", file=sys.stderr)  # fmt: skip
+        path = interchange.write_binfmt_d(Path(ns.binfmt_d), _rule_of(reg), note)
+        written.append({"name": reg["name"], "file": str(path)})
+    _out(ns, written, "\n".join(f"wrote {w['file']}" for w in written) or "nothing to export")
+    return 0
+
+
 def cmd_run(ns: argparse.Namespace) -> int:
     argv = _command(ns)
     pid = ns.pid
@@ -260,6 +357,7 @@ def parser() -> argparse.ArgumentParser:
         "reset), or the whole table (all).",
     )
     s.add_argument("--scope", choices=["managed", "qemu", "all"], default="managed")
+    _repair_and_files(daemon_cmd)
 
     s = sub.add_parser(
         "identify",
@@ -324,6 +422,53 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
     s.set_defaults(func=cmd_sandbox)
     return p
+
+
+def _repair_and_files(daemon_cmd: Any) -> None:
+    """reconcile, watch, import, export."""
+    daemon_cmd(
+        "reconcile",
+        "reconcile now (admins)",
+        cmd_reconcile,
+        "Restore what another tool removed or changed, mount and enable binfmt_misc again, "
+        "and register again F entries whose interpreter file was upgraded, now.",
+    )
+    s = daemon_cmd(
+        "watch",
+        "print every change as it happens",
+        cmd_watch,
+        "Print every change to the table (registered, unregistered, enabled, disabled, "
+        "restored, drift, conflict, interpreter-updated, reconcile) until interrupted. "
+        "When the daemon restarts, reconnect and go on from the last event seen.",
+    )
+    s.add_argument("--since", type=int, metavar="SEQ", help="first replay the events after SEQ")
+    s.add_argument("--once", action="store_true", help="stop when the stream ends")
+    s = daemon_cmd(
+        "import",
+        "register the rules of binfmt.d or update-binfmts files (admins)",
+        cmd_import,
+        "Read binfmt.d(5) files (as systemd-binfmt does), update-binfmts database entries "
+        "(/var/lib/binfmts/NAME) or import files (/usr/share/binfmts/NAME), or every such "
+        "file of a directory, and register their rules as qusd's own, all or none.",
+    )
+    s.add_argument("paths", nargs="+", metavar="FILE|DIR")
+    s.add_argument("--no-persist", action="store_true", help="do not restore at start")
+    s.add_argument("--replace", action="store_true", help="overwrite other definitions")
+    s.add_argument("--force", action="store_true", help="even rules that match host programs")
+    s.add_argument(
+        "--allow-untrusted-interpreter",
+        action="store_true",
+        help="skip the root-owned-interpreter check",
+    )
+    s = daemon_cmd(
+        "export",
+        "write qusd's persistent registrations as binfmt.d files",
+        cmd_export,
+        "Write each registration qusd manages and restores as DIR/NAME.conf, for "
+        "systemd-binfmt to register at boot (qusd then adopts them at start).",
+    )
+    s.add_argument("--binfmt-d", required=True, metavar="DIR", help="e.g. /etc/binfmt.d")
+    s.add_argument("--all", action="store_true", help="the non-persistent ones too")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,7 +17,7 @@ import stat
 import sys
 from collections.abc import Sequence
 
-from qusd import __version__, catalog, config, sandbox, systemd_glue
+from qusd import __version__, catalog, config, feed, sandbox, systemd_glue
 from qusd.binfmt import BinfmtMisc
 from qusd.config import Config
 from qusd.errors import QusdError, SocketInUseError
@@ -78,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
 def build_service(
     cfg: Config, sandbox_pid: int | None = None, trust: Trust | None = None
 ) -> Service:
-    return Service(
+    svc = Service(
         BinfmtMisc(cfg.binfmt_path),
         State.load(cfg.state_dir),
         catalog.load(cfg.catalog),
@@ -86,6 +86,8 @@ def build_service(
         sandbox_pid=sandbox_pid,
         trust=trust,
     )
+    feed.ring(svc.events)  # the event stream's memory starts with the restore
+    return svc
 
 
 def bind_unix(path: str, mode: int, group: str | None = None) -> socket.socket:

@@ -24,8 +24,10 @@ MESSAGE_IDS = {
     "conflict": "6f1c5d5e0b8a4f0e9d2f3b7a1c4e8d05",
     "enabled": "6f1c5d5e0b8a4f0e9d2f3b7a1c4e8d06",
     "disabled": "6f1c5d5e0b8a4f0e9d2f3b7a1c4e8d07",
-    #: another tool put a different definition under a name qusd keeps
+    #: another process changed what qusd keeps (an admin's entry, the status)
     "drift": "6f1c5d5e0b8a4f0e9d2f3b7a1c4e8d08",
+    "interpreter-updated": "6f1c5d5e0b8a4f0e9d2f3b7a1c4e8d09",
+    "reconcile": "6f1c5d5e0b8a4f0e9d2f3b7a1c4e8d0a",
 }
 
 #: the actor of a change qusd made on its own (a restore, a repair)

@@ -112,3 +112,19 @@ def find(target: Target, dirs: Sequence[str] = DEFAULT_DIRS) -> Interpreter | No
             if os.path.isfile(path) and os.access(path, os.X_OK):
                 return Interpreter(path, is_static_elf(path) is True)
     return None
+
+
+#: what identifies an interpreter file: device, inode, size, mtime (ns)
+Stamp = tuple[int, int, int, int]
+
+
+def stamp(path: str | os.PathLike[str]) -> Stamp | None:
+    """The file an interpreter path resolves to now (symlinks followed, as
+    the kernel's F open does), or None when there is none. A package upgrade
+    writes a new file and renames it over the old one: a new inode, so an F
+    entry that opened the old one is told apart from the file now there."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)

@@ -196,6 +196,21 @@ class EnableRequest(Request):
     enabled: bool
 
 
+class ImportRequest(Request):
+    """Custom rules read from binfmt.d files or update-binfmts entries (qusctl
+    import parses them), registered all or none."""
+
+    entries: list[EntrySpec] = Field(min_length=1, max_length=256)
+    persistent: bool = Field(True, description="restore at every start")
+    replace: bool = Field(False, description="overwrite entries of the same names")
+    force: bool = Field(
+        False, description="admins: register even rules that match the host's own programs"
+    )
+    allow_untrusted_interpreter: bool = Field(
+        False, description="admins: skip the check that the interpreters are owned by root"
+    )
+
+
 class ResetRequest(Request):
     scope: Literal["managed", "qemu", "all"] = Field(
         "managed",
@@ -231,6 +246,11 @@ class RegistrationOut(BaseModel):
     managed: bool = Field(description="created by qusd")
     persistent: bool = Field(description="restored at every start")
     target: str | None = Field(description="the catalog target it runs, if any")
+    interpreter_stale: bool = Field(
+        False,
+        description="an F entry whose interpreter file was replaced since (an upgrade): the "
+        "kernel still runs the old file until the next reconcile registers it again",
+    )
     owner: int | None = Field(
         description="the uid that registered it through qusd (users may change only their "
         "own entries); null when qusd did not register it"
@@ -264,6 +284,7 @@ class RegistrationOut(BaseModel):
             managed=reg.managed,
             persistent=reg.persistent,
             target=reg.target,
+            interpreter_stale=reg.interpreter_stale,
             owner=reg.owner,
             kept=reg.kept,
             raw=_raw(e),
@@ -287,6 +308,40 @@ class RegisterResponse(BaseModel):
 
 class ResetResponse(BaseModel):
     removed: list[str]
+
+
+class ReconcileResponse(BaseModel):
+    """What a reconcile changed."""
+
+    restored: list[str] = Field(description="entries registered again or taken back")
+    adopted: list[str]
+    conflicts: list[str] = Field(description="names another definition holds, left alone")
+    failed: list[str]
+    dropped: list[str] = Field(description="non-persistent records of entries gone")
+    updated: list[str] = Field(description="F entries registered again for a new interpreter")
+    repaired: list[str] = Field(description="binfmt_misc mounted again, or enabled again")
+    summary: str
+
+
+class EventOut(BaseModel):
+    """One line of GET /v1/events (newline-delimited JSON). Besides events,
+    the stream carries `keep-alive` lines when idle and a `lost` line when
+    events a client asked for (since) are no longer held."""
+
+    seq: int = Field(
+        description="monotonic within one run of the daemon; 0 on keep-alive and lost lines"
+    )
+    time: str = Field(description="UTC, RFC 3339")
+    kind: str = Field(
+        description="registered, unregistered, enabled, disabled, restored, drift, conflict, "
+        "interpreter-updated, reconcile; keep-alive, lost"
+    )
+    message: str
+    names: list[str]
+    actor: int | Literal["qusd"] | None = Field(
+        description="the uid that asked, or qusd for its own repairs"
+    )
+    lost: int | None = Field(None, description="on a lost line: how many events are gone")
 
 
 class TargetOut(BaseModel):

@@ -34,10 +34,16 @@ def document() -> dict[str, Any]:
             "operationId": r.handler.__name__,
             "responses": {},
         }
-        if "{name}" in r.path:
-            op["parameters"] = [
-                {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
-            ]
+        params = [
+            {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+        ] if "{name}" in r.path else []  # fmt: skip
+        params += [
+            {"name": q, "in": "query", "required": False, "schema": {"type": kind},
+             "description": about}
+            for q, kind, about in r.query
+        ]  # fmt: skip
+        if params:
+            op["parameters"] = params
         if r.request is not None:
             op["requestBody"] = {
                 "required": False,
@@ -49,7 +55,7 @@ def document() -> dict[str, Any]:
                 schema = {"type": "array", "items": schema}
             op["responses"][str(r.status)] = {
                 "description": r.summary,
-                "content": {"application/json": {"schema": schema}},
+                "content": {r.media: {"schema": schema}},
             }
         else:
             op["responses"][str(r.status)] = {"description": r.summary}

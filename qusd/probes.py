@@ -364,16 +364,6 @@ ARCHES: dict[str, Arch] = {
 #: runs a probe for every one of the 34 (i486 through qemu-i386).
 UNAVAILABLE: dict[str, str] = {}
 
-#: Targets whose probe is right but whose built-in catalog rule cannot match
-#: it, and why: a registration of that rule runs no real program either.
-CATALOG_CAVEATS: dict[str, str] = {
-    "microblaze": (
-        "the built-in rule (upstream QEMU's qemu-binfmt-conf.sh) wants bytes 16-17 "
-        "to be 02 00 in a big-endian header, e_type 0x200, which no loader accepts, "
-        "so it matches no microblaze program; Debian's rule (00 02) matches"
-    ),
-}
-
 
 def available() -> list[str]:
     """The targets that have a probe, in table order."""

@@ -327,7 +327,12 @@ async def serve(
         f"STATUS={report.summary()}; serving on {where}{_warnings(svc)}",
         f"MAINPID={os.getpid()}",
     )
-    tasks = [asyncio.create_task(keep_alive(app, cfg.reconcile_interval))]
+    reconciler = app[api.RECONCILER]
+    reconciler.start()
+    # SIGHUP: reconcile now (the Debian package's dpkg trigger sends it when
+    # a QEMU interpreter was upgraded)
+    loop.add_signal_handler(signal.SIGHUP, reconciler.poke, "SIGHUP")
+    tasks = []
     interval = systemd_glue.watchdog_interval()
     if interval:
         tasks.append(asyncio.create_task(watchdog(interval)))
@@ -336,6 +341,7 @@ async def serve(
         log.info("stopping: finishing requests in flight")
         systemd_glue.notify("STOPPING=1", "STATUS=stopping")
     finally:
+        await reconciler.stop()
         for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -362,25 +368,3 @@ async def watchdog(interval: float) -> None:
     while True:
         systemd_glue.notify("WATCHDOG=1")
         await asyncio.sleep(interval)
-
-
-async def keep_alive(app: web.Application, interval: float) -> None:
-    """Re-register persistent entries that vanished (another tool flushed
-    the table: systemd-binfmt does at every start)."""
-    if interval <= 0:
-        return
-    svc = app[SERVICE]
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            async with app[api.LOCK]:
-                report = svc.reconcile()
-        except QusdError as e:
-            log.error("reconcile: %s", e.message)
-            continue
-        if report.restored:
-            log.warning(
-                "re-registered %s: they had been removed from the kernel",
-                ", ".join(report.restored),
-            )
-            systemd_glue.notify(f"STATUS=re-registered {', '.join(report.restored)}")

@@ -35,6 +35,9 @@ from qusd.table import Action, Change, Transaction, Want
 log = logging.getLogger("qusd.service")
 
 RESET_SCOPES = ("managed", "qemu", "all")
+#: the temporary entry that serves an F entry's programs while it is
+#: registered again with an upgraded interpreter (swap_interpreter)
+SWAP_NAME = "qusd-swap"
 #: warnings that describe the table now, rebuilt at every restore
 _TRANSIENT = ("conflict:", "restore:", "drift:")
 
@@ -47,6 +50,9 @@ class Registration:
     managed: bool
     persistent: bool
     target: str | None
+    #: an F entry holding an interpreter file that has since been replaced
+    #: (a package upgrade): re-registered at the next reconcile
+    interpreter_stale: bool = False
     #: the uid that registered it through qusd (None: qusd did not)
     owner: int | None = None
     #: qusd keeps the name against other definitions (an admin's entry)
@@ -66,6 +72,14 @@ class RestoreReport:
     conflicts: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    #: F entries registered again to follow an upgraded interpreter file
+    updated: list[str] = field(default_factory=list)
+    #: binfmt_misc-wide repairs: "mounted", "enabled"
+    repaired: list[str] = field(default_factory=list)
+
+    def changed(self) -> list[str]:
+        """What a reconcile changed in the kernel."""
+        return [*self.restored, *self.updated, *self.repaired]
 
     def summary(self) -> str:
         parts = [f"restored {len(self.restored)}", f"adopted {len(self.adopted)}"]
@@ -73,6 +87,10 @@ class RestoreReport:
             parts.append(f"{len(self.conflicts)} in conflict")
         if self.failed:
             parts.append(f"{len(self.failed)} failed")
+        if self.updated:
+            parts.append(f"{len(self.updated)} interpreter(s) followed")
+        if self.repaired:
+            parts.append(" and ".join(self.repaired))
         return ", ".join(parts)
 
 
@@ -200,6 +218,11 @@ class Service:
     ) -> None:
         for change in todo:
             name = change.name
+            if change.before is not None:  # another definition where qusd keeps its own
+                self.events.emit("drift", f"drift: {name} had another definition "
+                                 f"({change.before.describe()}), put there by another "
+                                 "process; qusd keeps this name", names=[name],
+                                 level=logging.WARNING)  # fmt: skip
             if name in failed:
                 report.failed.append(name)
                 verb = "take back" if change.action is Action.REPLACE else "restore"
@@ -207,9 +230,8 @@ class Service:
                            f"could not {verb} {name}: {failed[name].message}")  # fmt: skip
             elif change.before is not None:
                 report.restored.append(name)
-                self.events.emit("drift", f"drift: took back {name} from another definition "
-                                 f"({change.before.describe()}): qusd keeps this name",
-                                 names=[name], level=logging.WARNING)  # fmt: skip
+                self.events.emit("restored", f"took back {name} from another definition "
+                                 f"({change.before.describe()})", names=[name])  # fmt: skip
             else:
                 report.restored.append(name)
                 self.events.emit("restored", f"restored {name} ({change.rule.interpreter})",
@@ -246,12 +268,134 @@ class Service:
         self.warnings[key] = message
 
     def reconcile(self) -> RestoreReport:
-        """restore(), mounting first if binfmt_misc went away: run
-        periodically so that entries another tool flushed (systemd-binfmt
-        does at start) come back."""
-        if not self.kernel.is_mounted():
+        """restore(), mounting first if binfmt_misc went away: run when the
+        table changed underneath (the watcher), on demand, and periodically,
+        so that entries another tool flushed (systemd-binfmt does at start)
+        come back; then the global status and upgraded interpreters."""
+        mounted = self.kernel.is_mounted()
+        if not mounted:
             self.ensure_mounted()
-        return self.restore()
+        report = self.restore()
+        if not mounted and self.kernel.is_mounted():
+            report.repaired.append("mounted")
+            self.events.emit("restored", f"binfmt_misc was unmounted; mounted it again at "
+                             f"{self.kernel.path}", names=[])  # fmt: skip
+        if self.kernel.is_mounted():
+            self.keep_enabled(report)
+            self.follow_interpreters(report)
+        return report
+
+    # -- drift: another process changed what qusd keeps ----------------------------
+
+    def should_restore(self, what: str) -> bool:
+        """Whether qusd puts back what another process changed (what: "status",
+        or an entry's name), or only reports it: the `drift` setting
+        ("restore", the default, or "report")."""
+        return getattr(self.config, "drift", "restore") != "report"
+
+    def keep_enabled(self, report: RestoreReport) -> None:
+        """binfmt_misc disabled as a whole (`echo 0 > status`): every entry
+        falls through. Reported once; set back to 1 when drift is restored."""
+        try:
+            enabled = self.kernel.enabled()
+        except QusdError:
+            return
+        if enabled:
+            self.warnings.pop("disabled:status", None)
+            return
+        key = "disabled:status"
+        if not self.should_restore("status"):
+            if key not in self.warnings:
+                message = ("binfmt_misc was disabled as a whole (status 0) by another process; "
+                           "left so (drift = report): enable it with 'echo 1 > "
+                           f"{self.kernel.path}/status'")  # fmt: skip
+                self.warnings[key] = message
+                self.events.emit("drift", message, names=[], level=logging.WARNING)
+            return
+        self.events.emit("drift", "binfmt_misc was disabled as a whole (status 0) by another "
+                         "process", names=[], level=logging.WARNING)  # fmt: skip
+        try:
+            self.kernel.set_enabled(True)
+        except QusdError as e:
+            self.warnings[key] = f"binfmt_misc is disabled and could not be enabled: {e.message}"
+            log.error("%s", self.warnings[key])
+            return
+        self.warnings.pop(key, None)
+        report.repaired.append("enabled")
+        self.events.emit("restored", "enabled binfmt_misc again (status 1)", names=[])
+
+    # -- interpreter upgrades ---------------------------------------------------------
+
+    def _stale(self, rec: Record | None) -> bool:
+        """An F record whose interpreter path now holds another file than the
+        one the kernel opened when qusd registered it."""
+        if rec is None or rec.stamp is None or "F" not in rec.rule.flags:
+            return False
+        now = interpreters.stamp(rec.rule.interpreter)
+        return now is not None and now != rec.stamp
+
+    def follow_interpreters(self, report: RestoreReport) -> None:
+        """F entries keep the interpreter file they opened at registration: after
+        a package upgrade renamed a new file over it, emulation would go on
+        running the old one. Each such entry is registered again, the new file
+        taking over with no moment without an entry (swap_interpreter); the
+        records keep the stamp of the file each entry now holds."""
+        records = dict(self.state.records)
+        fresh = set(report.restored)
+        changed = False
+        for name, rec in self.state.records.items():
+            if "F" not in rec.rule.flags:
+                continue
+            now = interpreters.stamp(rec.rule.interpreter)
+            if now is None or now == rec.stamp:
+                continue  # a missing file is restore's to report
+            entry = self.kernel.get(name)
+            if entry is None or entry.rule() != rec.rule:
+                continue  # not in the kernel as qusd registered it
+            if rec.stamp is not None and name not in fresh:
+                try:
+                    # the new file passes what a registration passes
+                    pin = self.policy.check_record(rec)
+                    try:
+                        self.swap_interpreter(entry)
+                    finally:
+                        if pin is not None:
+                            pin.close()
+                except QusdError as e:
+                    report.failed.append(name)
+                    self._warn(self.warnings, f"restore:{name}",
+                               f"could not follow the new {rec.rule.interpreter} for {name}: "
+                               f"{e.message}")  # fmt: skip
+                    continue
+                report.updated.append(name)
+                self.events.emit("interpreter-updated",
+                                 f"registered {name} again: {rec.rule.interpreter} was "
+                                 "replaced (upgraded?) and the entry held the old file",
+                                 names=[name])  # fmt: skip
+            records[name] = replace(rec, stamp=now)
+            changed = True
+        if changed:
+            try:
+                self.state.save(records)
+            except QusdError as e:
+                log.error("%s", e.message)
+
+    def swap_interpreter(self, entry: Entry) -> None:
+        """Register entry again so the kernel opens its interpreter file anew.
+        While the name is swapped, a copy under a temporary name (newer, so
+        matched first) serves the same programs with the new file: there is
+        no moment when they find no entry. One transaction: undone as a whole."""
+        rule = entry.rule()
+        with Transaction(self.kernel) as tx:
+            if not entry.enabled:
+                tx.put(rule, enabled=False, before=entry)
+                return
+            leftover = self.kernel.get(SWAP_NAME)
+            if leftover is not None:  # from a crash in the middle of a swap
+                tx.remove(leftover)
+            bridge = tx.put(replace(rule, name=SWAP_NAME))
+            tx.put(rule, before=entry)
+            tx.remove(bridge)
 
     # -- reading ----------------------------------------------------------
 
@@ -272,6 +416,7 @@ class Service:
             managed=mine is not None,
             persistent=mine is not None and mine.persistent,
             target=self._target_of(entry),
+            interpreter_stale=mine is not None and self._stale(mine),
             owner=mine.owner if mine is not None else None,
             kept=mine is not None and mine.owned,
         )
@@ -329,6 +474,21 @@ class Service:
     ) -> RegisterResult:
         self.policy.check_entry(caller)
         return self._register(caller, [(rule, None)], persistent, replace_existing, overrides)
+
+    def register_entries(
+        self,
+        caller: Caller,
+        rules: Sequence[Rule],
+        *,
+        persistent: bool = True,
+        replace_existing: bool = False,
+        overrides: Overrides = Overrides(),
+    ) -> RegisterResult:
+        """Custom rules, all or none (an import of binfmt.d or update-binfmts
+        entries); each gets the catalog target its pattern is, if any."""
+        self.policy.check_entry(caller)
+        items = [(r, self._target_of(_as_entry(r))) for r in rules]
+        return self._register(caller, items, persistent, replace_existing, overrides)
 
     def _register(
         self,
@@ -405,8 +565,12 @@ class Service:
             # the record says what the kernel will hold: an entry left
             # unchanged keeps its enabled state, a new one is enabled
             enabled = change.before.enabled if unchanged and change.before else True
+            # the interpreter file the entry holds: kept for an entry left as
+            # it is, taken now for one the kernel is about to open
+            stamp = old.stamp if unchanged and old is not None and old.rule == change.rule else None
             records[name] = Record(
-                change.rule, persistent, enabled, target, owned=admin, owner=caller.uid,
+                change.rule, persistent, enabled, target, owned=admin,
+                stamp=stamp or interpreters.stamp(change.rule.interpreter), owner=caller.uid,
                 force=admin and overrides.force,
                 allow_untrusted_interpreter=admin and overrides.allow_untrusted_interpreter,
             )  # fmt: skip
@@ -528,3 +692,10 @@ class Service:
 def _verify(pin: Pinned | None) -> None:
     if pin is not None:
         pin.verify()
+
+
+def _as_entry(rule: Rule) -> Entry:
+    """A rule as the kernel would report it (to name its catalog target)."""
+    n = rule.normalized()
+    return Entry(n.name, True, n.interpreter, n.flags, n.type, n.offset, n.magic, n.mask,
+                 n.extension)  # fmt: skip

@@ -49,6 +49,9 @@ class Record:
     #: binfmt.d rules, which systemd-binfmt registers at every boot), qusd
     #: puts its own back (drift = "restore"). A user's entry defers.
     owned: bool = False
+    #: the interpreter file an F entry holds open (interpreters.stamp, taken
+    #: when qusd registered it): another file there now means an upgrade
+    stamp: tuple[int, int, int, int] | None = None
     #: the uid that registered it through qusd; users may change only their
     #: own. Records from before owners were recorded load as root's (0).
     owner: int = 0
@@ -75,6 +78,7 @@ class Record:
             "owner": self.owner,
             "force": self.force,
             "allow_untrusted_interpreter": self.allow_untrusted_interpreter,
+            **({"interpreter_stamp": list(self.stamp)} if self.stamp is not None else {}),
         }
 
     @classmethod
@@ -102,6 +106,7 @@ class Record:
             _typed(d, "enabled", bool),
             target,
             owned=_flag(d, "owned"),
+            stamp=_stamp(d.get("interpreter_stamp")),
             owner=owner,
             force=_flag(d, "force"),
             allow_untrusted_interpreter=_flag(d, "allow_untrusted_interpreter"),
@@ -110,6 +115,14 @@ class Record:
 
 def _flag(d: dict[str, Any], key: str) -> bool:
     return bool(_typed(d, key, bool)) if key in d else False
+
+
+def _stamp(value: Any) -> tuple[int, int, int, int] | None:
+    """An interpreter stamp from the state file; one that is not four
+    integers is dropped (the next reconcile takes a new one)."""
+    if isinstance(value, list) and len(value) == 4 and all(type(v) is int for v in value):
+        return (value[0], value[1], value[2], value[3])
+    return None
 
 
 def _typed(d: dict[str, Any], key: str, kind: type) -> Any:

@@ -13,9 +13,9 @@ from qusd import catalog
 from qusd.catalog import Target
 from qusd.errors import UnknownTargetError
 
-REFERENCE = (
-    Path(__file__).resolve().parents[2] / "shared" / "reference" / "qemu-targets-upstream.tsv"
-)
+#: upstream QEMU's table, kept beside the tests (a copy of the project's
+#: shared reference), so the comparison runs wherever the checkout is
+REFERENCE = Path(__file__).resolve().parent / "data" / "qemu-targets-upstream.tsv"
 BUILTIN = catalog.builtin()
 
 QUS_TARGETS = (
@@ -32,15 +32,17 @@ def test_builtin_has_every_upstream_target() -> None:
     assert set(QUS_TARGETS) | {"sparc", "sparc64", "hexagon", "loongarch64"} == set(BUILTIN.names())
 
 
-@pytest.mark.skipif(not REFERENCE.exists(), reason=f"{REFERENCE} is not beside this checkout")
 def test_builtin_equals_the_reference_table() -> None:
     with REFERENCE.open() as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     assert [r["target"] for r in rows] == BUILTIN.names()
     for row, t in zip(rows, BUILTIN, strict=True):
+        magic, mask = catalog.unescape(row["magic"]), catalog.unescape(row["mask"])
+        if t.name == "microblaze":  # the one deliberate fix (tests/test_probes.py shows why)
+            magic, mask = magic[:16] + b"\x00\x02" + magic[18:], mask[:16] + b"\xff\xfe" + mask[18:]
         assert t.family == row["family"]
-        assert t.magic == catalog.unescape(row["magic"])
-        assert t.mask == catalog.unescape(row["mask"])
+        assert t.magic == magic
+        assert t.mask == mask
 
 
 def test_interpreter_cpu() -> None:

@@ -523,6 +523,24 @@ readlink "$r/etc/systemd/system/multi-user.target.wants/qusd.service"
 readlink "$r/etc/systemd/system/sockets.target.wants/qusd.socket"
 echo "== dirs"; stat -c '%n %a %U' "$r/var/lib/qusd" "$r/run/qusd"
 echo "== socket"; ls "$r/run/qusd"
+echo "== trigger"
+# a package that installs a file where QEMU's interpreters live: dpkg runs
+# qusd's postinst "triggered"; a fake systemctl (a booted system, qusd
+# running) records what it was asked
+mkdir -p "$t/dummy/DEBIAN" "$t/dummy/usr/libexec/qemu-binfmt"
+printf 'Package: qusd-trigger-test\nVersion: 1\nArchitecture: all\n%s\n%s\n' \
+    'Maintainer: t <t@t>' 'Description: t' >"$t/dummy/DEBIAN/control"
+: >"$t/dummy/usr/libexec/qemu-binfmt/qusd-trigger-test"
+dpkg-deb -b "$t/dummy" "$r/tmp/dummy.deb" >/dev/null
+mkdir -p "$r/run/systemd/system"
+printf '#!/bin/sh\necho "systemctl $*" >>/tmp/systemctl.log\n' >"$r/usr/local/sbin/systemctl"
+chmod 755 "$r/usr/local/sbin/systemctl"
+printf '#!/bin/sh\nexit 0\n' >"$r/usr/sbin/policy-rc.d"
+ch dpkg -i /tmp/dummy.deb 2>&1
+cat "$r/tmp/systemctl.log"
+printf '#!/bin/sh\nexit 101\n' >"$r/usr/sbin/policy-rc.d"
+rm "$r/usr/local/sbin/systemctl"; rmdir "$r/run/systemd/system"
+ch dpkg --purge qusd-trigger-test >/dev/null 2>&1
 echo "== purge"; ch dpkg --purge qusd 2>&1
 echo "== after"
 for p in usr/lib/qusd etc/qusd usr/bin/qusd usr/bin/qusctl usr/bin/qusd-binfmt \
@@ -585,3 +603,20 @@ def test_install_and_purge_in_chroot(deb: Path, tmp_path: Path) -> None:
     assert s["socket"].strip() == "", "nothing may have been started"
     assert s["after"].strip() == "", out
     assert "not empty" not in s["purge"], "the prerm leaves byte code behind:\n" + out
+    # an interpreter installed or upgraded: dpkg runs the trigger, the
+    # postinst asks the running daemon to reconcile (SIGHUP)
+    assert "Processing triggers for qusd" in s["trigger"], out
+    assert s["trigger"].strip().endswith("systemctl try-reload-or-restart qusd.service"), out
+
+
+def test_triggers_cover_every_interpreter_qusd_looks_up(control: Path) -> None:
+    """qusd.triggers names each qemu-CPU[-static] of the catalog in /usr/bin
+    (dpkg file triggers match a path and what is below it, not a prefix)."""
+    from qusd import catalog  # noqa: PLC0415
+
+    lines = (control / "triggers").read_text().split("\n")
+    paths = {line.split()[1] for line in lines if line.startswith("interest-noawait ")}
+    rest = [x for x in lines if x.strip() and not x.startswith(("#", "interest-noawait "))]
+    assert rest == []
+    wanted = {f"/usr/bin/qemu-{t.cpu}{s}" for t in catalog.builtin() for s in ("", "-static")}
+    assert paths == wanted | {"/usr/libexec/qemu-binfmt"}

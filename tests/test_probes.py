@@ -19,6 +19,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qusd import catalog, interpreters, probes
+from qusd.binfmt import BINPRM_BUF_SIZE
+from qusd.catalog import Target
 from qusd.probes import BASE, EXPECTED_OUTPUT, EXPECTED_STATUS, ISA, Arch
 from tests.conftest import Sandbox
 
@@ -133,10 +135,7 @@ def test_readelf_agrees(tmp_path: Path, name: str) -> None:
 
 @pytest.mark.parametrize("name", TARGETS)
 def test_catalog_identifies_each_probe_as_its_own_target(name: str) -> None:
-    header = probes.program(name)[: interpreters.BINPRM_BUF_SIZE]
-    if name in probes.CATALOG_CAVEATS:
-        assert BUILTIN.matching(header) == []
-        return
+    header = probes.program(name)[:BINPRM_BUF_SIZE]
     assert [t.name for t in BUILTIN.matching(header)] == [name]
     found = catalog.identify(header, BUILTIN, HOST_FAMILY)
     assert found.target is not None and found.target.name == name
@@ -151,14 +150,18 @@ def test_debian_rules_pick_the_same_target(name: str) -> None:
 
 
 def test_upstream_microblaze_rule_matches_no_loadable_program() -> None:
-    """Why microblaze carries a caveat: the probe matches Debian's rule, not
-    upstream's; the header upstream's rule wants, QEMU refuses to load."""
+    """Why the built-in microblaze rule differs from upstream QEMU's: the
+    header upstream's rule wants (e_type 02 00, big endian), QEMU refuses to
+    load; the probe matches the fixed rule, as it matches Debian's."""
     assert len(DEBIAN) >= 28, "Debian's qemu-user-static rules are missing in /usr/lib/binfmt.d"
     prog = probes.program("microblaze")
-    assert DEBIAN.get("microblaze").matches(prog)
-    assert not BUILTIN.get("microblaze").matches(prog)
+    assert DEBIAN.get("microblaze").matches(prog) and BUILTIN.get("microblaze").matches(prog)
+    ours = BUILTIN.get("microblaze")
+    upstream = Target("microblaze", "microblaze", ours.magic[:16] + b"\x02\x00" + ours.magic[18:],
+                      ours.mask[:16] + b"\xfe\xff" + ours.mask[18:])  # fmt: skip
+    assert not upstream.matches(prog)
     upstreamish = prog[:16] + b"\x02\x00" + prog[18:]  # e_type as upstream's magic has it
-    assert BUILTIN.get("microblaze").matches(upstreamish)
+    assert upstream.matches(upstreamish)
     res = probes.run(upstreamish, via=["/usr/bin/qemu-microblaze-static"])
     assert res.status != 0 and b"Invalid ELF image" in res.stderr, res
 
@@ -262,8 +265,7 @@ def test_probe_runs_through_a_registration(sbx: Sandbox, tmp_path: Path, name: s
     """In an empty private table the probe runs only if the host runs it
     natively; with its target's rule registered (F, the static interpreter)
     the kernel hands it to QEMU."""
-    source = DEBIAN if name in probes.CATALOG_CAVEATS else BUILTIN
-    target = source.get(name)
+    target = BUILTIN.get(name)
     interp = interpreters.find(target)
     assert interp is not None and interp.static, f"no static interpreter for {name}"
     path = _write(tmp_path, name)

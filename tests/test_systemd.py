@@ -24,6 +24,7 @@ from tests.conftest import ROOT, SANDBOX_REASON, Sandbox, interpreter
 
 UNITS = ROOT / "systemd"
 QUSD = str(Path(sys.executable).parent / "qusd")
+QUSCTL = str(Path(sys.executable).parent / "qusctl")
 
 
 def need(tool: str) -> str:
@@ -40,6 +41,7 @@ def units_for_this_checkout(tmp_path: Path) -> list[Path]:
     for name in ("qusd.service", "qusd.socket"):
         text = (UNITS / name).read_text()
         out.append(tmp_path / name)
+        text = text.replace("ExecReload=/usr/bin/qusctl", f"ExecReload={QUSCTL}")
         out[-1].write_text(text.replace("ExecStart=/usr/bin/qusd", f"ExecStart={QUSD}"))
     return out
 

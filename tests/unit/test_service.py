@@ -84,14 +84,15 @@ def test_restore_every_branch(world: World) -> None:
     assert "could not restore qemu-sh4: the F flag opens" in svc.warnings["restore:qemu-sh4"]
     assert [(e.kind, e.names) for e in seen] == [
         ("conflict", ("qemu-m68k",)),
-        ("drift", ("qemu-s390x",)),  # another definition in its place: put back
+        ("drift", ("qemu-s390x",)),  # another definition in its place: told, then
+        ("restored", ("qemu-s390x",)),  # put back
         ("restored", ("qemu-riscv64",)),
     ]
-    assert all(e.actor == "qusd" for e in seen) and [e.seq for e in seen] == [1, 2, 3]
+    assert all(e.actor == "qusd" for e in seen) and [e.seq for e in seen] == [1, 2, 3, 4]
 
     again = svc.restore()  # nothing new: the conflict is not told twice
     assert sorted(again.adopted) == ["qemu-aarch64", "qemu-riscv64", "qemu-s390x"]
-    assert len(seen) == 3
+    assert len(seen) == 4
 
 
 def test_restore_without_binfmt_misc_does_nothing(world: World) -> None:
@@ -321,6 +322,7 @@ def test_restore_keeps_an_admins_entry_and_lets_a_users_defer(world: World) -> N
     assert [(e.kind, e.names) for e in seen] == [
         ("conflict", ("qemu-s390x",)),
         ("drift", ("qemu-aarch64",)),
+        ("restored", ("qemu-aarch64",)),
     ]
     # the user's record under the other definition goes alone: that entry is not qusd's
     svc.unregister(USER, "qemu-s390x")

@@ -1,0 +1,128 @@
+"""The reconciler: runs the service's reconcile when binfmt_misc changed
+underneath qusd (the watcher), on SIGHUP (the Debian package's dpkg trigger
+after an interpreter upgrade), on `POST /v1/reconcile`, and every
+`reconcile_interval` seconds as a fallback. One reconcile at a time, under
+the table lock; requests for one that arrive while one runs are served by
+the next run.
+
+`reconcile_interval = 0` turns automatic repairs off altogether (no watch,
+no ticks); on-demand reconciles still run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+
+from qusd import systemd_glue
+from qusd.binfmt import BinfmtMisc
+from qusd.errors import QusdError
+from qusd.events import QUSD
+from qusd.service import RestoreReport, Service
+from qusd.watch import Notice, ObservedKernel, OwnWrites, TableWatch
+
+log = logging.getLogger("qusd")
+
+#: triggers whose reconcile is always told on the event stream (the others
+#: only when they changed something)
+ASKED = frozenset({"request", "SIGHUP"})
+
+
+class Reconciler:
+    def __init__(self, svc: Service, lock: asyncio.Lock, interval: float) -> None:
+        self.svc = svc
+        self.lock = lock
+        self.interval = interval
+        self.watch: TableWatch | None = None
+        self._wake = asyncio.Event()
+        self._why: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+        #: reconciles run since start, by trigger (for status and tests)
+        self.runs: dict[str, int] = {}
+
+    @property
+    def automatic(self) -> bool:
+        return self.interval > 0
+
+    def start(self) -> None:
+        """Watch binfmt_misc (when it is a real mount and repairs are on) and
+        run the loop; one reconcile runs at once, so whatever changed while
+        qusd was down (an interpreter upgraded, status 0) is seen."""
+        if self.automatic and type(self.svc.kernel) is BinfmtMisc:
+            own = OwnWrites()
+            # from now on every write qusd makes is noted before it is made
+            self.svc.kernel = ObservedKernel(self.svc.kernel.path, own)
+            self.watch = TableWatch(self.svc.kernel.path, own)
+            try:
+                self.watch.start()
+            except OSError as e:
+                log.warning("cannot watch binfmt_misc (%s): repairs wait for the reconcile "
+                            "interval", e.strerror)  # fmt: skip
+                self.watch = None
+            else:
+                self.watch.subscribe(self._changed)
+        self._task = asyncio.create_task(self._loop())
+        if self.automatic:
+            self.poke("start")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.watch is not None:
+            self.watch.stop()
+
+    def poke(self, why: str) -> None:
+        """Ask for a reconcile as soon as the table lock is free."""
+        self._why.add(why)
+        self._wake.set()
+
+    def _changed(self, notice: Notice) -> None:
+        self.poke("unmount" if notice.unmounted else "watch")
+
+    async def _loop(self) -> None:
+        while True:
+            timeout = self.interval if self.automatic else None
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                self._why.add("interval")
+            self._wake.clear()
+            why, self._why = self._why or {"interval"}, set()
+            try:
+                await self.once(why)
+            except Exception:  # the loop must outlive a bug in one run
+                log.exception("reconcile failed")
+
+    async def once(self, why: Iterable[str], actor: int | str = QUSD) -> RestoreReport:
+        """One reconcile now (waiting for the table lock)."""
+        triggers = sorted(set(why))
+        async with self.lock:
+            try:
+                report = self.svc.reconcile()
+            except QusdError as e:
+                log.error("reconcile: %s", e.message)
+                report = RestoreReport()
+            if self.watch is not None:
+                self.watch.arm()  # a new mount needs a new watch
+        for t in triggers:
+            self.runs[t] = self.runs.get(t, 0) + 1
+        changed = report.changed()
+        if changed:
+            if report.restored:
+                log.warning("re-registered %s: they had been removed from the kernel",
+                            ", ".join(report.restored))  # fmt: skip
+            systemd_glue.notify(f"STATUS=repaired {', '.join(changed)}")
+        if changed or report.failed or ASKED.intersection(triggers):
+            self.svc.events.emit(
+                "reconcile",
+                f"reconcile ({', '.join(triggers)}): {report.summary()}",
+                names=[*report.restored, *report.updated],
+                actor=actor,
+                level=logging.INFO if changed or actor != QUSD else logging.DEBUG,
+            )
+        return report

@@ -1,0 +1,356 @@
+"""Watching binfmt_misc: inotify on its directory, so qusd repairs what
+another tool changed at once instead of at the next reconcile tick.
+
+binfmt_misc raises inotify events (checked on Linux 6.18): `MODIFY register`
+for a registration, `MODIFY NAME` when an entry is enabled, disabled or
+removed (and `DELETE NAME` on removal), `MODIFY status` for a global write
+(and `DELETE` of every entry on a flush); never `CREATE`. An unmount ends
+the watch (`IN_UNMOUNT`, then `IN_IGNORED`).
+
+qusd's own writes raise the same events, and must not look like another
+tool's: every write qusd makes goes through an `OwnWrites` ledger first
+(`ObservedKernel`, a BinfmtMisc that notes what it is about to write), and
+an event the ledger explains is dropped. Whatever is left is a change by
+someone else: subscribers hear of it, coalesced (a burst such as a flush
+followed by thirty registrations is one notice, once the burst is over).
+
+Subscribers get a `Notice`: the names touched and whether the mount went
+away. The daemon's reconciler subscribes; so may a cache of the parsed table
+(`TableWatch.subscribe`), which then also hears of qusd's own writes if it
+asks (`own=True`): any write at all makes a parsed table stale.
+
+Standard library only (ctypes for inotify, asyncio for the loop's reader).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import logging
+import os
+import struct
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qusd.binfmt import BinfmtMisc, Entry, Rule
+
+log = logging.getLogger("qusd.watch")
+
+IN_MODIFY = 0x00000002
+IN_CREATE = 0x00000100
+IN_DELETE = 0x00000200
+IN_DELETE_SELF = 0x00000400
+IN_MOVE_SELF = 0x00000800
+IN_UNMOUNT = 0x00002000
+IN_Q_OVERFLOW = 0x00004000
+IN_IGNORED = 0x00008000
+IN_ONLYDIR = 0x01000000
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+
+WATCHED = IN_MODIFY | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
+_HEADER = struct.Struct("iIII")  # wd, mask, cookie, len
+
+#: (file name, kind) pairs: kind is "modify", "delete" or "create"
+Touch = tuple[str, str]
+
+
+class Inotify:
+    """One inotify instance (non-blocking), through libc."""
+
+    def __init__(self) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+        self.fd: int = fd
+
+    def add(self, path: str | os.PathLike[str], mask: int = WATCHED) -> int:
+        wd: int = self._libc.inotify_add_watch(self.fd, os.fsencode(path), mask)
+        if wd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_add_watch {path}: {os.strerror(err)}")
+        return wd
+
+    def read(self) -> list[tuple[int, int, str]]:
+        """Every queued event as (wd, mask, name); [] when there is none."""
+        out: list[tuple[int, int, str]] = []
+        while True:
+            try:
+                buf = os.read(self.fd, 64 * 1024)
+            except BlockingIOError:
+                return out
+            except OSError as e:
+                if e.errno == errno.EINTR:
+                    continue
+                raise
+            pos = 0
+            while pos + _HEADER.size <= len(buf):
+                wd, mask, _, size = _HEADER.unpack_from(buf, pos)
+                raw = buf[pos + _HEADER.size : pos + _HEADER.size + size].split(b"\0", 1)[0]
+                out.append((wd, mask, os.fsdecode(raw)))
+                pos += _HEADER.size + size
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def touches(mask: int, name: str) -> list[Touch]:
+    """The file events an inotify mask stands for."""
+    found = []
+    if mask & IN_MODIFY:
+        found.append((name, "modify"))
+    if mask & IN_DELETE:
+        found.append((name, "delete"))
+    if mask & IN_CREATE:
+        found.append((name, "create"))
+    return found
+
+
+class OwnWrites:
+    """The events qusd's own writes will raise, not yet seen by the watcher.
+
+    A write is noted before it is made; the event it raises cancels the note.
+    A write the kernel refuses raises no event (fsnotify is called only for
+    a write that succeeded), so its note is withdrawn."""
+
+    def __init__(self) -> None:
+        self._pending: Counter[Touch] = Counter()
+        #: qusd's writes seen since start, for status and tests
+        self.explained = 0
+
+    def expect(self, touches: list[Touch]) -> None:
+        self._pending.update(touches)
+
+    def withdraw(self, touches: list[Touch]) -> None:
+        self._pending.subtract(touches)
+        self._pending = +self._pending  # drop what went to zero or below
+
+    def explains(self, touch: Touch) -> bool:
+        if self._pending[touch] > 0:
+            self._pending[touch] -= 1
+            self.explained += 1
+            return True
+        return False
+
+    def clear(self) -> None:
+        self._pending.clear()
+
+    @contextmanager
+    def writing(self, touches: list[Touch]) -> Iterator[None]:
+        """Note touches for the write inside the block; withdrawn if it fails."""
+        self.expect(touches)
+        try:
+            yield
+        except BaseException:
+            self.withdraw(touches)
+            raise
+
+
+class ObservedKernel(BinfmtMisc):
+    """A BinfmtMisc whose every write is noted in an OwnWrites ledger first."""
+
+    def __init__(self, path: str | os.PathLike[str], own: OwnWrites) -> None:
+        super().__init__(path)
+        self.own = own
+
+    def register(self, rule: Rule) -> Entry:
+        with self.own.writing([("register", "modify")]):
+            return super().register(rule)
+
+    def _control(self, name: str, value: bytes) -> None:
+        expected = [(name, "modify")]
+        if value == b"-1":
+            if name == "status":
+                expected += [(n, "delete") for n in self._names_quietly()]
+            else:
+                expected.append((name, "delete"))
+        with self.own.writing(expected):
+            super()._control(name, value)
+
+    def _names_quietly(self) -> list[str]:
+        try:
+            return self.names()
+        except Exception:
+            return []
+
+
+@dataclass(frozen=True)
+class Notice:
+    """What changed in binfmt_misc since the last notice."""
+
+    #: the files touched: entry names, "register", "status"
+    names: frozenset[str] = frozenset()
+    #: the mount went away (unmounted, or the watch was lost)
+    unmounted: bool = False
+    #: the kernel's event queue overflowed: anything may have changed
+    overflow: bool = False
+    #: only qusd's own writes (sent only to subscribers that asked for them)
+    own: bool = False
+
+
+Subscriber = Callable[[Notice], None]
+
+
+@dataclass
+class _Sub:
+    fn: Subscriber
+    own: bool
+
+
+@dataclass
+class _Burst:
+    names: set[str] = field(default_factory=set)
+    unmounted: bool = False
+    overflow: bool = False
+    own: bool = False
+    foreign: bool = False
+
+
+class TableWatch:
+    """inotify on a binfmt_misc directory, read from the event loop.
+
+    Bursts are coalesced: a notice goes out once `quiet` seconds pass with no
+    new event, and at the latest `latest` seconds after the burst began."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        own: OwnWrites | None = None,
+        *,
+        quiet: float = 0.015,
+        latest: float = 0.05,
+    ) -> None:
+        self.path = Path(path)
+        self.own = own or OwnWrites()
+        self.quiet = quiet
+        self.latest = latest
+        self._inotify: Inotify | None = None
+        self._wd: int | None = None
+        self._subs: list[_Sub] = []
+        self._burst: _Burst | None = None
+        self._burst_start = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: notices of others' changes sent since start
+        self.notices = 0
+
+    # -- subscribers ------------------------------------------------------------
+
+    def subscribe(self, fn: Subscriber, *, own: bool = False) -> Callable[[], None]:
+        """Call fn with every coalesced Notice of another process's change
+        (own=True: of qusd's own writes too). Returns the unsubscribe."""
+        sub = _Sub(fn, own)
+        self._subs.append(sub)
+        return lambda: self._subs.remove(sub) if sub in self._subs else None
+
+    # -- the watch ----------------------------------------------------------------
+
+    @property
+    def watching(self) -> bool:
+        return self._wd is not None
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Start reading in the running loop; arm() adds the watch."""
+        self._loop = loop or asyncio.get_running_loop()
+        if self._inotify is None:
+            self._inotify = Inotify()
+            self._loop.add_reader(self._inotify.fd, self._readable)
+        self.arm()
+
+    def arm(self) -> bool:
+        """Watch the directory if binfmt_misc is mounted there and no watch is
+        on; called again after every reconcile (a new mount needs a new
+        watch). True when watching."""
+        if self._inotify is None or self._wd is not None:
+            return self._wd is not None
+        if not BinfmtMisc(self.path).is_mounted():
+            return False
+        try:
+            self._wd = self._inotify.add(self.path)
+        except OSError as e:
+            log.warning("cannot watch %s (%s): repairs wait for the reconcile interval",
+                        self.path, e.strerror)  # fmt: skip
+            return False
+        log.debug("watching %s", self.path)
+        return True
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._inotify is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._inotify.fd)
+            self._inotify.close()
+            self._inotify = None
+        self._wd = None
+
+    def _readable(self) -> None:
+        assert self._inotify is not None
+        try:
+            raw = self._inotify.read()
+        except OSError as e:
+            log.error("reading inotify events failed: %s", e.strerror)
+            return
+        for wd, mask, name in raw:
+            self.feed(wd, mask, name)
+
+    def feed(self, wd: int, mask: int, name: str) -> None:
+        """One inotify event: sorted into qusd's own or someone else's."""
+        burst = self._open_burst()
+        if mask & IN_Q_OVERFLOW:
+            burst.overflow = burst.foreign = True
+            self.own.clear()  # the explanations are lost with the events
+            return
+        if wd != self._wd:
+            return  # a watch already replaced
+        if mask & (IN_UNMOUNT | IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF):
+            if mask & IN_IGNORED or mask & IN_UNMOUNT:
+                self._wd = None
+                self.own.clear()
+            burst.unmounted = burst.foreign = True
+            return
+        for touch in touches(mask, name):
+            burst.names.add(touch[0])
+            if self.own.explains(touch):
+                burst.own = True
+            else:
+                burst.foreign = True
+
+    def _open_burst(self) -> _Burst:
+        loop = self._loop or asyncio.get_running_loop()
+        now = loop.time()
+        if self._burst is None:
+            self._burst = _Burst()
+            self._burst_start = now
+        if self._timer is not None:
+            self._timer.cancel()
+        due = min(now + self.quiet, self._burst_start + self.latest)
+        self._timer = loop.call_at(due, self._flush)
+        return self._burst
+
+    def _flush(self) -> None:
+        burst, self._burst, self._timer = self._burst, None, None
+        if burst is None or not (burst.foreign or burst.own):
+            return
+        notice = Notice(frozenset(burst.names), burst.unmounted, burst.overflow,
+                        own=not burst.foreign)  # fmt: skip
+        if burst.foreign:
+            self.notices += 1
+            log.debug("binfmt_misc changed by another process: %s",
+                      ", ".join(sorted(notice.names)) or "the mount")  # fmt: skip
+        for sub in list(self._subs):
+            if notice.own and not sub.own:
+                continue
+            try:
+                sub.fn(notice)
+            except Exception:
+                log.exception("watch subscriber %r failed", sub.fn)
