@@ -59,7 +59,7 @@ from tests.conftest import (
     python_for,
 )
 from tests.test_api import NO_BODY, PROBLEM_JSON, PYC, WINE, Reply, in_kernel, parse_http, unchanged
-from tests.test_daemon import EnteredDaemon
+from tests.test_daemon import EnteredDaemon, s390x_record, write_state
 from tests.test_hardening import http, http_json, vm_rss
 from tests.test_roles import (
     CURL,
@@ -740,31 +740,49 @@ def rootless(user: Account, home: Path, config: Path, shared: Shared) -> Iterato
 # -- bytes the kernel shows -------------------------------------------------------------
 
 
-def test_non_utf8_bytes_in_entries_are_shown_losslessly(daemon: Daemon) -> None:
-    """Another tool's entries with non-UTF-8 bytes in the interpreter and the
-    name: status, the listing and a conflicting POST keep working, and the
-    exact bytes are in `raw`, as hex."""
-    cafe = "/opt/caf\udce9/qemu"  # b"/opt/caf\xe9/qemu", as os.fsdecode gives it
-    daemon.inside.kernel.register(Rule("qemu-aarch64", cafe, AARCH64.magic, AARCH64.mask))
-    daemon.inside.kernel.register(Rule("x\udcff", "/usr/bin/x\udcfe", extension="qusdt"))
-    status = http(daemon.socket, "GET", "/v1/status")
-    assert status.status == 200, str(status)
-    regs = http(daemon.socket, "GET", REG)
-    assert regs.status == 200, str(regs)
-    by_raw_name = {bytes.fromhex(r["raw"]["name"]) if r["raw"] and r["raw"]["name"]
-                   else r["name"].encode(): r for r in regs.json()}  # fmt: skip
-    aarch64 = by_raw_name[b"qemu-aarch64"]
-    assert bytes.fromhex(aarch64["raw"]["interpreter"]) == b"/opt/caf\xe9/qemu"
-    assert aarch64["interpreter"] == "/opt/caf\\xe9/qemu"
-    odd = by_raw_name[b"x\xff"]
-    assert bytes.fromhex(odd["raw"]["interpreter"]) == b"/usr/bin/x\xfe"
-    assert odd["name"] == "x\\xff"
-    conflict = http_json(daemon.socket, "POST", REG, {"targets": ["aarch64"]})
-    problem = assert_problem(conflict, (409,))
-    assert "/opt/caf\\xe9/qemu" in problem["detail"], problem
-    doc = http(daemon.socket, "GET", "/openapi.json").json()
-    raw = doc["components"]["schemas"]["RegistrationOut"]["properties"]["raw"]
-    assert "hex" in json.dumps(raw) and "UTF-8" in json.dumps(raw), raw
+def test_non_utf8_bytes_in_entries_are_shown_losslessly(tmp_path: Path) -> None:
+    """Another tool puts an interpreter with non-UTF-8 bytes under a name qusd
+    manages (a conflict, told in /v1/status), and an entry with such bytes in
+    its name: status, a conflicting POST and the listing keep working (each
+    was a 500 before), and the exact bytes are in `raw`, as hex."""
+    write_state(tmp_path / "state", s390x_record())  # not kept: it defers
+    d = Daemon(tmp_path)
+    try:
+        s390x = BUILTIN.get("s390x")
+        cafe = "/opt/caf\udce9/qemu"  # b"/opt/caf\xe9/qemu", as os.fsdecode gives it
+        theirs = [Rule("qemu-s390x", cafe, s390x.magic, s390x.mask),
+                  Rule("qemu-aarch64", cafe, AARCH64.magic, AARCH64.mask)]  # fmt: skip
+        for rule in theirs:
+            d.inside.func("tests.test_daemon:swap_in", rule)
+        d.inside.kernel.register(Rule("x\udcff", "/usr/bin/x\udcfe", extension="qusdt"))
+
+        def told() -> bool:
+            reply = http(d.socket, "GET", "/v1/status")
+            assert reply.status == 200, str(reply)
+            return any("qemu-s390x" in w["message"] for w in reply.json()["warnings"])
+
+        wait_until("the conflict told in /v1/status", told)
+        (warning,) = http(d.socket, "GET", "/v1/status").json()["warnings"]
+        assert "/opt/caf\\xe9/qemu" in warning["message"], warning
+        conflict = http_json(d.socket, "POST", REG, {"targets": ["aarch64"]})
+        problem = assert_problem(conflict, (409,))
+        assert "/opt/caf\\xe9/qemu" in problem["detail"], problem
+
+        regs = http(d.socket, "GET", REG)
+        assert regs.status == 200, str(regs)
+        by_raw_name = {bytes.fromhex(r["raw"]["name"]) if r["raw"] and r["raw"]["name"]
+                       else r["name"].encode(): r for r in regs.json()}  # fmt: skip
+        aarch64 = by_raw_name[b"qemu-aarch64"]
+        assert bytes.fromhex(aarch64["raw"]["interpreter"]) == b"/opt/caf\xe9/qemu"
+        assert aarch64["interpreter"] == "/opt/caf\\xe9/qemu"
+        odd = by_raw_name[b"x\xff"]
+        assert bytes.fromhex(odd["raw"]["interpreter"]) == b"/usr/bin/x\xfe"
+        assert odd["name"] == "x\\xff"
+        doc = http(d.socket, "GET", "/openapi.json").json()
+        raw = doc["components"]["schemas"]["RegistrationOut"]["properties"]["raw"]
+        assert "hex" in json.dumps(raw) and "UTF-8" in json.dumps(raw), raw
+    finally:
+        d.stop()
 
 
 # -- qusctl run into someone else's namespace -------------------------------------------
