@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from qusd import feed, stream
 from qusd.config import Config
 from qusd.errors import (
+    ClientGoneError,
     ForbiddenError,
     MalformedRequestError,
     RequestTimeoutError,
@@ -35,6 +36,7 @@ from qusd.middleware import (
     CALLER_OF,
     CONFIG,
     NAMES,
+    READ_BUCKETS,
     SERVICE,
     CallerOf,
     audit,
@@ -92,13 +94,23 @@ async def locked(request: web.Request, fn: Callable[P, T], *args: P.args, **kw: 
 
 
 async def read_body(request: web.Request, model: type[BaseModel]) -> Any:
-    """Parse and validate a JSON body; an empty body counts as {}."""
+    """Parse and validate a JSON body; an empty body counts as {}. Bodies
+    come as they are: no Content-Encoding (the server decodes none)."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise UnsupportedMediaTypeError(
+            f"the body comes with Content-Encoding {printable(encoding)!r}: send the body "
+            "without Content-Encoding (plain JSON)",
+            accept_encoding="identity",
+        )
     timeout = request.app[CONFIG].body_timeout
     try:
         # aiohttp refuses more than client_max_size with 413
         raw = await asyncio.wait_for(request.read(), timeout)
     except TimeoutError:
         raise RequestTimeoutError(f"the body did not arrive within {timeout:g} s") from None
+    except ConnectionError:
+        raise ClientGoneError("the client went away before its body arrived") from None
     if not raw.strip():
         raw = b"{}"
     elif request.content_type != "application/json":
@@ -396,15 +408,18 @@ class Route:
 
 
 _CHANGE = (400, 403, 408, 413, 415, 422, 429, 503)
+_READ = (429,)  # reads are rate limited per uid too
 
 ROUTES = (
-    Route("GET", "/v1/health", health, "Liveness", response=Health),
-    Route("GET", "/v1/status", status, "Daemon, kernel and table status", response=Status),
-    Route("GET", "/v1/targets", targets, "The target catalog", response=TargetOut, many=True),
+    Route("GET", "/v1/health", health, "Liveness", response=Health, errors=_READ),
+    Route("GET", "/v1/status", status, "Daemon, kernel and table status", response=Status,
+          errors=_READ),
+    Route("GET", "/v1/targets", targets, "The target catalog", response=TargetOut, many=True,
+          errors=_READ),
     Route("GET", "/v1/registrations", list_registrations, "Every entry in the kernel",
-          response=RegistrationOut, many=True, errors=(503,)),
+          response=RegistrationOut, many=True, errors=(*_READ, 503)),
     Route("GET", "/v1/registrations/{name}", get_registration, "One entry",
-          response=RegistrationOut, errors=(404, 503)),
+          response=RegistrationOut, errors=(404, *_READ, 503)),
     Route("POST", "/v1/registrations", register, "Register targets or a custom entry",
           request=RegisterRequest, response=RegisterResponse, status=201,
           errors=(*_CHANGE, 409), audit=_register_names),
@@ -425,7 +440,7 @@ ROUTES = (
           response=ReconcileResponse, errors=(403, 429), audit=_nothing),
     Route("GET", "/v1/events", events,
           "Every change, streamed as newline-delimited JSON while connected",
-          response=EventOut, media=stream.NDJSON, errors=(422,),
+          response=EventOut, media=stream.NDJSON, errors=(422, *_READ),
           query=(("since", {"type": "integer", "minimum": 0, "maximum": 2**63},
                   "replay the events after this sequence number that the "
                   "daemon still holds (a 'lost' line says how many it does not)"),
@@ -438,14 +453,15 @@ ROUTES = (
           request=VerifyRequest, response=VerifyResponse,
           errors=(400, 408, 413, 415, 422, 429, 503), audit=_targets),
     Route("GET", "/v1/interpreters", list_interpreters,
-          "Provisioned interpreters, and the files F entries hold", response=InterpretersOut),
+          "Provisioned interpreters, and the files F entries hold", response=InterpretersOut,
+          errors=_READ),
     Route("POST", "/v1/interpreters", install_interpreters,
           "Extract interpreters from a qemu-user-static package (admins)",
           request=InstallRequest, response=InstallResponse, status=201, errors=_CHANGE,
           audit=_targets),
     Route("GET", "/metrics", metrics, "Prometheus metrics (text format); anyone may scrape",
-          media=CONTENT_TYPE),
-    Route("GET", "/openapi.json", openapi, "This document (OpenAPI 3.1)"),
+          media=CONTENT_TYPE, errors=_READ),
+    Route("GET", "/openapi.json", openapi, "This document (OpenAPI 3.1)", errors=_READ),
 )  # fmt: skip
 
 
@@ -463,6 +479,7 @@ def make_app(
     app[SERVICE] = service
     app[CONFIG] = config
     app[BUCKETS] = RateLimiter(config.rate_limit, config.rate_burst)
+    app[READ_BUCKETS] = RateLimiter(config.read_rate_limit, config.read_rate_burst)
     app[CALLER_OF] = caller_of
     app[LOCK] = asyncio.Lock()
     app[METRICS] = Metrics(service)

@@ -35,6 +35,24 @@ RESERVED_NAMES = frozenset({"register", "status", ".", ".."})
 DELIMITER = ":"
 
 
+def printable(text: str) -> str:
+    """Text from the kernel as valid UTF-8: bytes that are not (another tool
+    may name an entry b"caf\\xe9"; os.fsdecode keeps them as surrogates) are
+    shown as \\xHH escapes. Lossy for display only: raw() keeps the bytes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def raw(text: str) -> bytes | None:
+    """The exact bytes of text from the kernel, when they are not valid UTF-8
+    (None when the text is exact as it is)."""
+    data = text.encode("utf-8", "surrogateescape")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data
+    return None
+
+
 def magic_matches(header: bytes, offset: int, magic: bytes, mask: bytes | None) -> bool:
     """Whether the kernel would match these bytes of a file's head (a mask of
     None compares every bit)."""
@@ -239,7 +257,7 @@ class Entry:
         )
 
     def describe(self) -> str:
-        return f"interpreter {self.interpreter}, flags {self.flags or '(none)'}"
+        return f"interpreter {printable(self.interpreter)}, flags {self.flags or '(none)'}"
 
 
 class BinfmtMisc:

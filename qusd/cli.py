@@ -360,7 +360,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
                 "the daemon is not in a sandbox: programs run anywhere already see its table"
             )
         pid = box["pid"]
-    sandbox.enter(pid)
+    sandbox.enter(pid, force=ns.force)
     sandbox.exec_in(argv)
     return 0  # pragma: no cover
 
@@ -586,6 +586,11 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--pid", type=int, help="a process in the sandbox (default: the daemon's sandbox)"
+    )
+    s.add_argument(
+        "--force",
+        action="store_true",
+        help="join a sandbox another uid owns (its owner controls what its files are)",
     )
     s.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
 

@@ -20,6 +20,7 @@ from qusd.interpreters import DEFAULT_DIRS, STORE_DIR, search_path
 
 DEFAULT_CONFIG_FILE = "/etc/qusd/qusd.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DRIFT = ("restore", "report")
 CATALOG_SOURCES = ("builtin", "binfmt.d")
 
 
@@ -47,6 +48,12 @@ class Config:
     user_flags: str = "FP"
     #: open connections at most; more are closed at once
     max_connections: int = 256
+    #: open connections of one uid at most (root and admins: no cap of
+    #: their own); at most max_connections minus the reserved ones
+    max_connections_per_uid: int = 32
+    #: connections only root and admins may use, so that users filling
+    #: theirs never lock them out; at most half of max_connections
+    reserved_connections: int = 16
     #: seconds a client has to send a request's headers, then its body
     header_timeout: float = 10.0
     body_timeout: float = 10.0
@@ -69,8 +76,26 @@ class Config:
     interpreter_store: str = STORE_DIR
     #: where `interpreters install` keeps the packages it downloads
     interpreter_cache: str = "/var/cache/qusd"
+    #: reads (GET) per second per uid, in bursts of read_rate_burst: for
+    #: users; admins too when rate_limit_admins
+    read_rate_limit: float = 20.0
+    read_rate_burst: int = 40
+    #: when another tool puts a different definition under a name qusd keeps
+    #: (an admin registered it): "restore" puts qusd's back, "report" only
+    #: reports it
+    drift: str = "restore"
     #: where the settings came from, for `status` and error messages
     sources: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def reserved(self) -> int:
+        """The connections kept for root and admins (at most half)."""
+        return min(self.reserved_connections, self.max_connections // 2)
+
+    @property
+    def per_uid(self) -> int:
+        """The connections one user may hold."""
+        return max(1, min(self.max_connections_per_uid, self.max_connections - self.reserved))
 
     def validated(self) -> Config:
         if self.log_level not in LOG_LEVELS:
@@ -79,12 +104,20 @@ class Config:
             raise ConfigError(f"catalog must be one of {', '.join(CATALOG_SOURCES)}")
         if not math.isfinite(self.reconcile_interval) or self.reconcile_interval < 0:
             raise ConfigError("reconcile_interval must be >= 0 seconds")
-        for name in ("header_timeout", "body_timeout", "keepalive_timeout", "rate_limit"):
+        if self.drift not in DRIFT:
+            raise ConfigError(f"drift must be one of {', '.join(DRIFT)}")
+        for name in (
+            "header_timeout", "body_timeout", "keepalive_timeout", "rate_limit", "read_rate_limit",
+        ):  # fmt: skip
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number")
-        if self.max_connections < 1 or self.rate_burst < 1:
-            raise ConfigError("max_connections and rate_burst must be at least 1")
+        for name in ("max_connections", "max_connections_per_uid", "rate_burst",
+                     "read_rate_burst"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if self.reserved_connections < 0:
+            raise ConfigError("reserved_connections must be 0 or more")
         if set(self.user_flags) - set("POCF"):
             raise ConfigError("user_flags must be made of P, O, C, F")
         if not 0 <= self.socket_mode <= 0o777:
@@ -99,6 +132,11 @@ class Config:
         if not os.path.isabs(self.interpreter_cache):
             raise ConfigError("interpreter_cache must be an absolute path")
         self._check_targets()
+        if any(".." in d.split("/") for d in self.interpreter_dirs):
+            raise ConfigError(
+                "interpreter_dirs must not contain '..': the kernel follows a symlink before "
+                "'..', so such a path may lead elsewhere than it reads"
+            )
         return self
 
     @property

@@ -25,8 +25,9 @@ from qusd import __version__, catalog, config, feed, sandbox, systemd_glue
 from qusd.binfmt import BinfmtMisc
 from qusd.config import Config
 from qusd.errors import QusdError, SocketInUseError
+from qusd.policy import Trust
 from qusd.service import Service
-from qusd.state import State
+from qusd.state import LOCK, State, check_directory
 from qusd.text import DIRECTORY, FILE, complete
 
 log = logging.getLogger("qusd")
@@ -150,13 +151,16 @@ def check_config(cfg: Config) -> str:
     return "\n".join(lines)
 
 
-def build_service(cfg: Config, sandbox_pid: int | None = None) -> Service:
+def build_service(
+    cfg: Config, sandbox_pid: int | None = None, trust: Trust | None = None
+) -> Service:
     svc = Service(
         BinfmtMisc(cfg.binfmt_path),
         State.load(cfg.state_dir),
         catalog.load(cfg.catalog),
         cfg,
         sandbox_pid=sandbox_pid,
+        trust=trust,
     )
     feed.ring(svc.events)  # the event stream's memory starts with the restore
     return svc
@@ -208,7 +212,9 @@ def lock_state_dir(state_dir: str) -> int:
     """Hold an exclusive lock on the state directory for the process's life:
     two daemons writing one state file would undo each other."""
     os.makedirs(state_dir, mode=0o755, exist_ok=True)
-    fd = os.open(os.path.join(state_dir, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(
+        os.path.join(state_dir, LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+    )
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -230,9 +236,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         cfg = config.load(flags, os.environ, ns.config)
         systemd_glue.setup_logging(cfg.log_level)
-        sandbox_pid = None
+        # What the state holds is registered at every start: only root (and
+        # the user running a rootless daemon) may change it. Checked before
+        # the sandbox, where other users' files and root's look alike.
+        check_directory(cfg.state_dir, {0, os.geteuid()})
+        sandbox_pid, trust = None, None
         if cfg.sandbox:
-            sandbox.create(cfg.binfmt_path)
+            outside = sandbox.create(cfg.binfmt_path, outside=True)
+            if outside is not None:  # rootless: owners as the machine knows them
+                trust = Trust(frozenset({0, outside.uid}), outside.owner)
             sandbox_pid = os.getpid()
             log.info("in a sandbox (pid %d): a private binfmt_misc at %s", sandbox_pid,
                      cfg.binfmt_path)  # fmt: skip
@@ -247,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 sock = bind_unix(cfg.socket, cfg.socket_mode, cfg.socket_group)
         lock_state_dir(cfg.state_dir)
-        svc = build_service(cfg, sandbox_pid)
+        svc = build_service(cfg, sandbox_pid, trust)
         svc.ensure_mounted()
         started = time.perf_counter()
         report = svc.restore()

@@ -103,8 +103,19 @@ class MalformedRequestError(QusdError):
     title = "Malformed request"
 
 
+class BadRequestError(QusdError):
+    """A request HTTP itself refuses (a bad method token, Content-Length with
+    Transfer-Encoding, a bad chunk, headers or a URL too long, not HTTP at
+    all): found by the HTTP parser, before any route."""
+
+    code = "bad-request"
+    http_status = 400
+    exit_status = 65
+    title = "Bad request"
+
+
 class UnsupportedMediaTypeError(QusdError):
-    """A body that is not application/json."""
+    """A body that is not application/json, or comes with a Content-Encoding."""
 
     code = "unsupported-media-type"
     http_status = 415
@@ -138,6 +149,17 @@ class RequestTimeoutError(QusdError):
     http_status = 408
     exit_status = 75  # EX_TEMPFAIL
     title = "Request timeout"
+
+
+class ClientGoneError(QusdError):
+    """The client hung up before its request was read: nothing is answered
+    (499 is what the audit and the log say, as nginx's "client closed
+    request"); not a failure of the daemon."""
+
+    code = "client-gone"
+    http_status = 499
+    exit_status = 75  # EX_TEMPFAIL
+    title = "Client closed the request"
 
 
 class RateLimitedError(QusdError):
@@ -287,6 +309,18 @@ class ConfigError(QusdError):
     http_status = 500
     exit_status = 78  # EX_CONFIG
     title = "Configuration"
+
+
+class UnsafeStateError(QusdError):
+    """The state directory or file could be changed by someone other than
+    root (or the user running a rootless daemon), or state.json is not a
+    regular file: the daemon does not start (what it restores would be
+    theirs to choose); the message names the fix."""
+
+    code = "unsafe-state"
+    http_status = 500
+    exit_status = 78  # EX_CONFIG
+    title = "Unsafe state directory"
 
 
 class SocketInUseError(QusdError):

@@ -1,7 +1,8 @@
 """What happens to the table, published once: logged (with a stable journal
 MESSAGE_ID per kind, so `journalctl MESSAGE_ID=...` finds every
-registration, refusal or conflict) and handed to subscribers (an event
-stream, metrics). Standard library only: the boot-restore path emits too.
+registration, refusal or conflict, and QUSD_UID, QUSD_NAMES fields) and
+handed to subscribers (an event stream, metrics). Text from the kernel is
+made printable first. Standard library only: the boot-restore path emits too.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from qusd.binfmt import printable
+
 MESSAGE_IDS = {
     "restored": "6f1c5d5e0b8a4f0e9d2f3b7a1c4e8d01",
     "registered": "6f1c5d5e0b8a4f0e9d2f3b7a1c4e8d02",
@@ -21,6 +24,7 @@ MESSAGE_IDS = {
     "conflict": "6f1c5d5e0b8a4f0e9d2f3b7a1c4e8d05",
     "enabled": "6f1c5d5e0b8a4f0e9d2f3b7a1c4e8d06",
     "disabled": "6f1c5d5e0b8a4f0e9d2f3b7a1c4e8d07",
+    #: another process changed what qusd keeps (an admin's entry, the status)
     "drift": "6f1c5d5e0b8a4f0e9d2f3b7a1c4e8d08",
     "interpreter-updated": "6f1c5d5e0b8a4f0e9d2f3b7a1c4e8d09",
     "reconcile": "6f1c5d5e0b8a4f0e9d2f3b7a1c4e8d0a",
@@ -74,8 +78,14 @@ class Events:
         actor: int | str = QUSD,
         level: int = logging.INFO,
     ) -> Event:
+        message, names = printable(message), [printable(n) for n in names]
         ev = Event(kind, message, tuple(names), actor, next(self._seq))
-        self.log.log(level, "%s", message, extra=journal_fields(kind))
+        fields = journal_fields(kind)
+        if isinstance(actor, int):
+            fields["QUSD_UID"] = str(actor)
+        if names:
+            fields["QUSD_NAMES"] = ",".join(names)
+        self.log.log(level, "%s", message, extra=fields)
         for subscriber in list(self._subscribers):
             try:
                 subscriber(ev)

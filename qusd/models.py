@@ -23,18 +23,14 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from qusd import binfmt, interpreters, provision, verify
-from qusd.binfmt import Entry, Rule
+from qusd.binfmt import Entry, Rule, printable, raw
 from qusd.catalog import ALL, Catalog, wants_all
 from qusd.errors import InvalidRuleError, QusdError
 from qusd.service import Registration, TargetInfo
 
+__all__ = ["printable"]  # models' users take it from here
+
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
-
-
-def printable(text: str) -> str:
-    """Text from the kernel as valid UTF-8: bytes that are not (another tool
-    may name an entry b"caf\\xe9") are shown as \\xHH escapes."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _invalid(reason: str) -> PydanticCustomError:
@@ -74,6 +70,10 @@ _TEXT = r"\x20-\x39\x3b-\x7e"
 _NO_SLASH = r"\x20-\x2e\x30-\x39\x3b-\x7e"
 #: and no "." (the kernel matches an extension after the last dot)
 _NO_DOT = r"\x20-\x2d\x30-\x39\x3b-\x7e"
+#: an absolute path of those characters, no component ".." (refused: the
+#: kernel follows a symlink before "..", so such a path may lead elsewhere)
+_COMPONENT = rf"(?:[{_NO_DOT}][{_NO_SLASH}]*|\.(?:[{_NO_DOT}][{_NO_SLASH}]*)?|\.\.[{_NO_SLASH}]+)"
+_PATH = rf"^(?:/{_COMPONENT}?)+$"
 
 
 def _whole(value: Any) -> Any:
@@ -81,6 +81,15 @@ def _whole(value: Any) -> Any:
     it is; anything else goes to the strict int check as it came."""
     if isinstance(value, float) and value.is_integer():
         return int(value)
+    return value
+
+
+def _no_dotdot(value: str) -> str:
+    if ".." in value.split("/"):
+        raise _invalid(
+            "must not contain '..': the kernel follows a symlink before '..', so the path "
+            "may lead elsewhere than it reads; give it without '..'"
+        )
     return value
 
 
@@ -158,8 +167,9 @@ class EntrySpec(Request):
     ) = None  # fmt: skip
     interpreter: Annotated[
         str,
-        Field(max_length=1024, json_schema_extra={"pattern": f"^/[{_TEXT}]*$", "maxLength": 512}),
+        Field(max_length=1024, json_schema_extra={"pattern": _PATH, "maxLength": 512}),
         _field(binfmt.check_interpreter),
+        AfterValidator(_no_dotdot),
     ]
     flags: Flags = ""
 
@@ -365,6 +375,14 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
 
 
+class RawFields(BaseModel):
+    """The exact bytes of text fields the kernel shows that are not UTF-8."""
+
+    name: str | None = Field(None, description="hex of the name's bytes")
+    interpreter: str | None = Field(None, description="hex of the interpreter path's bytes")
+    extension: str | None = Field(None, description="hex of the extension's bytes")
+
+
 class RegistrationOut(BaseModel):
     name: str
     enabled: bool
@@ -382,6 +400,21 @@ class RegistrationOut(BaseModel):
         False,
         description="an F entry whose interpreter file was replaced since (an upgrade): the "
         "kernel still runs the old file until the next reconcile registers it again",
+    )
+    owner: int | None = Field(
+        description="the uid that registered it through qusd (users may change only their "
+        "own entries); null when qusd did not register it"
+    )
+    kept: bool = Field(
+        description="qusd keeps the name: an admin registered it, and qusd puts this "
+        'definition back when another tool replaces it (drift = "restore")'
+    )
+    raw: RawFields | None = Field(
+        description="Losslessly, the bytes of name, interpreter and extension when the kernel "
+        "shows bytes that are not UTF-8 (another tool may register any): each such field is "
+        "given here as hex of its exact bytes, while the field itself shows each byte that is "
+        "not UTF-8 as the four characters \\xHH. null when every field is valid UTF-8: the "
+        "fields are then exact."
     )
 
     @classmethod
@@ -402,7 +435,20 @@ class RegistrationOut(BaseModel):
             persistent=reg.persistent,
             target=reg.target,
             interpreter_stale=reg.interpreter_stale,
+            owner=reg.owner,
+            kept=reg.kept,
+            raw=_raw(e),
         )
+
+
+def _raw(e: Entry) -> RawFields | None:
+    texts = {"name": e.name, "interpreter": e.interpreter, "extension": e.extension}
+    fields = {
+        name: data.hex()
+        for name, text in texts.items()
+        if text is not None and (data := raw(text)) is not None
+    }
+    return RawFields(**fields) if fields else None
 
 
 class RegisterResponse(BaseModel):

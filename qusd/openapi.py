@@ -56,8 +56,8 @@ def document(cat: Catalog | None = None) -> dict[str, Any]:
         ref_template="#/components/schemas/{model}",
     )
     names = target_names(cat or catalog.builtin())
-    for schema in schemas["$defs"].values():  # every request that names targets
-        targets = schema.get("properties", {}).get("targets")
+    for model in schemas["$defs"].values():  # every request that names targets
+        targets = model.get("properties", {}).get("targets")
         if targets is None:
             continue
         optional = any(s.get("type") == "null" for s in targets.get("anyOf", []))

@@ -12,6 +12,7 @@ everyone else may read.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import errno
 import grp
@@ -22,11 +23,14 @@ import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
+from qusd import paths
 from qusd.binfmt import BINPRM_BUF_SIZE, Rule
 from qusd.catalog import Catalog, Target
 from qusd.config import Config
 from qusd.errors import ForbiddenError, HostTypeError, InterpreterError, UntrustedInterpreterError
+from qusd.state import Record
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
 NGROUPS_MAX = 65536
@@ -79,28 +83,52 @@ class Caller:
             return None
 
 
+_GROUPS: dict[str, tuple[int | None, float]] = {}
+GROUP_TTL = 2.0
+
+
 def group_id(name: str) -> int | None:
-    """The gid of a group name, or None when there is no such group."""
+    """The gid of a group name, or None when there is no such group; looked
+    up again after GROUP_TTL seconds (every request asks: a flood must not
+    read /etc/group each time)."""
+    now = time.monotonic()
+    cached = _GROUPS.get(name)
+    if cached is not None and now - cached[1] < GROUP_TTL:
+        return cached[0]
     try:
-        return grp.getgrnam(name).gr_gid
+        gid: int | None = grp.getgrnam(name).gr_gid
     except KeyError:
-        return None
+        gid = None
+    if len(_GROUPS) > 64:
+        _GROUPS.clear()
+    _GROUPS[name] = (gid, now)
+    return gid
+
+
+_LIBC: list[Any] = []  # libc, loaded on first use
 
 
 def _peer_groups(sock: socket.socket) -> frozenset[int]:
     """The peer's supplementary groups. The kernel answers ERANGE when the
-    buffer is too small (more groups than it holds), so it grows up to
-    NGROUPS_MAX; without SO_PEERGROUPS, the primary group alone counts."""
-    size = 4 * 256
+    buffer is too small, with the length it needs; Python's getsockopt takes
+    at most 1024 bytes (256 groups), so libc's is called, with a buffer as
+    big as the kernel says (up to NGROUPS_MAX). Without SO_PEERGROUPS, the
+    primary group alone counts."""
+    if not _LIBC:
+        _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    libc = _LIBC[0]
+    count = 256
     while True:
-        try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
-        except OSError as e:
-            if e.errno == errno.ERANGE and size < 4 * NGROUPS_MAX:
-                size *= 4
-                continue
-            return frozenset()
-        return frozenset(struct.unpack(f"{len(raw) // 4}I", raw))
+        buf = (ctypes.c_uint32 * count)()
+        size = ctypes.c_uint32(ctypes.sizeof(buf))
+        rc = libc.getsockopt(sock.fileno(), socket.SOL_SOCKET, SO_PEERGROUPS, buf,
+                              ctypes.byref(size))  # fmt: skip
+        if rc == 0:
+            return frozenset(buf[: size.value // 4])
+        if ctypes.get_errno() == errno.ERANGE and count < NGROUPS_MAX:
+            count = min(NGROUPS_MAX, max(2 * count, size.value // 4))
+            continue
+        return frozenset()
 
 
 @dataclass
@@ -115,9 +143,13 @@ class Policy:
     native_headers: list[bytes] = field(default_factory=list)
     #: group name to gid (the unit tests give their own)
     gid_of: Callable[[str], int | None] = group_id
-    #: raises unless an interpreter is safe to register (the unit tests,
-    #: whose files are not root's, give their own)
-    check_interpreter: Callable[[str], None] = field(default_factory=lambda: check_trusted)
+    #: whose files are trusted, and how a file's owner is learnt (rootless
+    #: mode asks a helper outside the sandbox)
+    trust: Trust = field(default_factory=lambda: Trust.here())  # noqa: PLW0108 - below
+    #: raises unless an interpreter is safe to register, else may pin it
+    #: (the unit tests, whose files are not root's, give their own); None:
+    #: check_trusted with trust
+    check_interpreter: Callable[[str], Pinned | None] | None = None
     #: the targets the host runs itself, once found by trying (qusd.native);
     #: until then, the targets of its family
     native_targets: frozenset[str] | None = None
@@ -161,16 +193,32 @@ class Policy:
                 "register catalog targets, with the interpreter qusd finds"
             )
 
-    def check_replace(self, caller: Caller, managed: bool, name: str) -> None:
-        if not managed and self.role(caller) is not Role.ADMIN:
+    def check_replace(self, caller: Caller, owner: int | None, name: str) -> None:
+        """owner: who registered the entry there now through qusd (None: qusd
+        did not). Replacing takes a name from whoever holds it: admins may;
+        users only their own entries."""
+        if self.role(caller) is Role.ADMIN:
+            return
+        if owner is None:
             raise ForbiddenError(f"{name} was not registered by qusd: only admins may replace it")
+        if owner != caller.uid:
+            raise ForbiddenError(
+                f"{name} was registered by uid {owner}: users may replace only entries they "
+                "registered"
+            )
 
-    def check_modify(self, caller: Caller, name: str, managed: bool, action: str) -> None:
+    def check_modify(self, caller: Caller, name: str, owner: int | None, action: str) -> None:
+        """Enable, disable, unregister: admins any entry, users their own."""
         if self._require_writer(caller, action) is Role.ADMIN:
             return
-        if not managed:
+        if owner is None:
             raise ForbiddenError(
                 f"{name} was not registered by qusd: users may {action} only entries qusd manages"
+            )
+        if owner != caller.uid:
+            raise ForbiddenError(
+                f"{name} was registered by uid {owner}: users may {action} only entries they "
+                "registered"
             )
 
     def check_reset(self, caller: Caller, scope: str) -> None:
@@ -183,9 +231,12 @@ class Policy:
 
     # -- rules anyone must follow -------------------------------------------------
 
-    def check_rule(self, caller: Caller, rule: Rule, force: bool, allow_untrusted: bool) -> None:
+    def check_rule(
+        self, caller: Caller, rule: Rule, force: bool, allow_untrusted: bool
+    ) -> Pinned | None:
         """Host protection and trusted interpreters, for every caller; admins
-        may override each explicitly."""
+        may override each explicitly. The checked interpreter comes back
+        pinned: open, to be verified once registered."""
         admin = self.role(caller) is Role.ADMIN
         if force and not admin:
             raise ForbiddenError(
@@ -200,8 +251,23 @@ class Policy:
             )
         if not force:
             self.check_host_types(rule)
-        if not allow_untrusted:
-            self.check_interpreter(rule.interpreter)
+        return None if allow_untrusted else self.interpreter(rule.interpreter)
+
+    def check_record(self, record: Record) -> Pinned | None:
+        """A record from the state, before it is registered again: the checks
+        a request passes that do not depend on who asked (roles were checked
+        then), with the overrides the admin gave then."""
+        record.rule.encode()
+        if not record.force:
+            self.check_host_types(record.rule)
+        if record.allow_untrusted_interpreter:
+            return None
+        return self.interpreter(record.rule.interpreter)
+
+    def interpreter(self, path: str) -> Pinned | None:
+        if self.check_interpreter is not None:
+            return self.check_interpreter(path)
+        return check_trusted(path, self.trust)
 
     def check_host_types(self, rule: Rule) -> None:
         for header in self.native_headers:
@@ -271,37 +337,83 @@ def native_headers(catalog: Catalog, host_family: str, samples: Iterable[str] = 
 # -- trusted interpreters ---------------------------------------------------------
 
 
-def trusted_owners() -> frozenset[int]:
-    """Root; and, in a user namespace that does not map the host's root (a
-    rootless sandbox), the overflow uid that root's files show up as."""
-    owners = {0}
-    try:
-        with open("/proc/self/uid_map") as f:
-            maps_root = any(
-                int(outside) <= 0 < int(outside) + int(count)
-                for _inside, outside, count in (line.split() for line in f)
+@dataclass(frozen=True)
+class Trust:
+    """Whose files may hold an interpreter, and how a file's owner is learnt.
+
+    Trusted are root and the user who runs the daemon, as the initial user
+    namespace knows them. Inside a rootless sandbox every file of another
+    user shows up as the overflow uid (65534), like root's: there the owner
+    must be asked of a helper left outside (qusd.sandbox.Outside)."""
+
+    owners: frozenset[int]
+    #: the owner of an open file (descriptor and its fstat)
+    owner_of: Callable[[int, os.stat_result], int] = field(
+        default=lambda fd, st: st.st_uid, compare=False
+    )
+
+    @classmethod
+    def here(cls) -> Trust:
+        """Owners as this process sees them: root, and whoever runs it (root
+        in a user namespace: the user who made it; the overflow uid never)."""
+        return cls(frozenset({0, os.geteuid()}))
+
+    def names(self) -> str:
+        others = sorted(self.owners - {0})
+        return "root" + "".join(f" or uid {u} (who runs qusd)" for u in others)
+
+
+@dataclass
+class Pinned:
+    """A checked interpreter, held open (O_PATH) until its registration is
+    verified: the kernel opens it by name, so the name must still lead to
+    the file that was checked (holding it keeps its inode number from being
+    reused meanwhile)."""
+
+    path: str
+    fd: int
+    dev: int
+    ino: int
+
+    def verify(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            st = None
+        if st is None or (st.st_dev, st.st_ino) != (self.dev, self.ino):
+            raise UntrustedInterpreterError(
+                f"{self.path} changed while it was registered (another file is there now): "
+                "the registration was undone; find out who changes it, then try again"
             )
-        if not maps_root:
-            with open("/proc/sys/kernel/overflowuid") as f:
-                owners.add(int(f.read()))
-    except (OSError, ValueError):
-        pass
-    return frozenset(owners)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
 
 
-def check_trusted(path: str) -> None:
-    """The interpreter and every directory above it must be owned by root and
-    writable by nobody else, both along the path as given (whoever can write
-    a directory on it can swap a symlink there) and after symlinks are
-    resolved: else whoever can write there decides what runs in every process
-    that execs a matching program."""
+def check_trusted(path: str, trust: Trust | None = None) -> Pinned:
+    """The file the kernel will open for path, and every node its lookup
+    passes (each directory, each symlink and where its target leads), must
+    be owned by a trusted owner, and files and directories writable by
+    nobody else: else whoever can write there decides what runs in every
+    process that execs a matching program. The path is walked as the kernel
+    walks it, never normalised as text, and '..' is refused outright.
+    Returns the file, pinned."""
+    trust = trust or Trust.here()
     if not os.path.isabs(path):
         raise InterpreterError(f"interpreter {path!r} is not an absolute path")
-    given = os.path.normpath(path)
-    real = os.path.realpath(given)
-    owners = trusted_owners()
+    if ".." in path.split("/"):
+        raise UntrustedInterpreterError(
+            f"interpreter {path} has a '..' component: the kernel follows a symlink before "
+            "'..', so the path may lead elsewhere than it reads; give it without '..'"
+        )
+    seen: list[tuple[paths.Node, int]] = []
     try:
-        st = os.stat(real)
+        fd = paths.walk(path, lambda node, fd: seen.append((node, trust.owner_of(fd, node.st))))
     except FileNotFoundError:
         raise InterpreterError(
             f"interpreter {path} does not exist: install it first (an admin may register "
@@ -309,45 +421,37 @@ def check_trusted(path: str) -> None:
         ) from None
     except OSError as e:
         raise InterpreterError(f"interpreter {path}: {e.strerror}") from None
-    if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111:
-        raise InterpreterError(f"interpreter {real} is not an executable regular file")
-    _check_node(real, st, owners, path)
-    if given != real:
-        link = os.lstat(given)
-        if stat.S_ISLNK(link.st_mode) and link.st_uid not in owners:
+    try:
+        last = seen[-1][0]
+        if not stat.S_ISREG(last.st.st_mode) or not last.st.st_mode & 0o111:
+            raise InterpreterError(f"interpreter {last.path} is not an executable regular file")
+        # the file first, then back up the way the lookup came
+        for node, owner in [seen[-1], *reversed(seen[:-1])]:
+            _check_node(node, owner, trust, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Pinned(path, fd, last.st.st_dev, last.st.st_ino)
+
+
+def _check_node(node: paths.Node, owner: int, trust: Trust, path: str) -> None:
+    via = f" (for {path})" if node.path != path else ""
+    if stat.S_ISLNK(node.st.st_mode):
+        if owner not in trust.owners:
             raise UntrustedInterpreterError(
-                f"{given} is a symlink owned by uid {link.st_uid}, not root"
+                f"{node.path}{via} is a symlink owned by uid {owner}, not {trust.names()}: its "
+                "owner could point it elsewhere"
             )
-        _check_dirs(os.path.dirname(given), owners, path)
-    _check_dirs(os.path.dirname(real), owners, path)
-
-
-def _check_dirs(directory: str, owners: frozenset[int], path: str) -> None:
-    """directory and each one above it, up to /."""
-    while True:
-        try:
-            st = os.stat(directory)
-        except OSError as e:
-            raise UntrustedInterpreterError(
-                f"interpreter {path}: {directory}: {e.strerror}"
-            ) from None
-        _check_node(directory, st, owners, path)
-        if directory == "/":
-            return
-        directory = os.path.dirname(directory)
-
-
-def _check_node(node: str, st: os.stat_result, owners: frozenset[int], path: str) -> None:
-    via = f" (for {path})" if node != path else ""
-    if st.st_uid not in owners:
+        return
+    if owner not in trust.owners:
         raise UntrustedInterpreterError(
-            f"{node}{via} is owned by uid {st.st_uid}, not root: its owner could replace "
-            "the interpreter"
+            f"{node.path}{via} is owned by uid {owner}, not {trust.names()}: its owner could "
+            "replace the interpreter"
         )
-    if st.st_mode & 0o022:
+    if node.st.st_mode & 0o022:
         raise UntrustedInterpreterError(
-            f"{node}{via} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}): "
-            "they could replace the interpreter"
+            f"{node.path}{via} is writable by group or others (mode "
+            f"{stat.S_IMODE(node.st.st_mode):o}): they could replace the interpreter"
         )
 
 

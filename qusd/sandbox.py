@@ -9,7 +9,12 @@ Root gets an identity uid/gid map (real users keep their ids inside, so the
 daemon's access policy sees them as they are); anyone else gets root mapped
 to themselves. The namespaces are made in the process that then execs the
 command, so the PID a caller sees is the sandbox's: `qusctl run --pid PID`
-enters it.
+enters it (only a sandbox its own uid owns, unless forced: whoever owns a
+namespace decides what its mounts show, /usr/bin/id included).
+
+Inside a rootless sandbox, root's files and every other user's show up as
+the overflow uid: who owns a file can then be told only from outside, by
+the helper create() leaves there on request (Outside).
 
     python -m qusd.sandbox [--binfmt-path P] -- CMD ARG...
     python -m qusd.sandbox --enter PID -- CMD ARG...
@@ -19,15 +24,18 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import fcntl
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from qusd.binfmt import DEFAULT_PATH, BinfmtMisc
-from qusd.errors import QusdError, SandboxError
+from qusd.errors import ForbiddenError, QusdError, SandboxError
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
@@ -35,6 +43,8 @@ MS_REC = 0x4000
 MS_SLAVE = 1 << 19
 MIN_KERNEL = (6, 7)
 ID_RANGE = 4294967295  # every id: the identity map of the initial namespace
+NS_GET_OWNER_UID = 0xB704  # ioctl_ns(2): the uid that owns a user namespace
+NO_UID = 0xFFFFFFFF
 
 
 def kernel_release() -> tuple[int, int]:
@@ -85,10 +95,77 @@ def _write_maps(pid: str, uid: int, gid: int, identity: bool) -> None:
         _write_file(f"/proc/{pid}/gid_map", f"0 {gid} 1\n")
 
 
-def create(binfmt_path: str = DEFAULT_PATH, identity: bool | None = None) -> None:
+class Outside:
+    """A helper left in the initial user namespace when a rootless sandbox
+    is made: given an open file (SCM_RIGHTS), it answers its owner as the
+    machine knows it (fstat there). Inside, the overflow uid stands for root
+    and for every other user alike, so trust cannot be decided there. It
+    exits when the sandbox's end of the socket closes."""
+
+    def __init__(self, sock: socket.socket, pid: int, uid: int) -> None:
+        self.sock = sock
+        self.pid = pid
+        #: the user who made the sandbox, as the machine knows them
+        self.uid = uid
+
+    @classmethod
+    def start(cls) -> Outside:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the helper, in its own process
+            code = 0
+            try:
+                ours.close()
+                _serve_outside(theirs)
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        theirs.close()
+        return cls(ours, pid, os.getuid())
+
+    def owner(self, fd: int, st: os.stat_result | None = None) -> int:
+        """The uid owning the open file fd, as the initial namespace sees it."""
+        try:
+            socket.send_fds(self.sock, [b"?"], [fd])
+            answer = self.sock.recv(16)
+        except OSError as e:
+            raise SandboxError(f"the helper outside the sandbox is gone: {e.strerror}") from None
+        if len(answer) != 4:
+            raise SandboxError("the helper outside the sandbox is gone")
+        (uid,) = struct.unpack("I", answer)
+        if uid == NO_UID:
+            raise SandboxError("the helper outside the sandbox could not stat a file")
+        return int(uid)
+
+
+def _serve_outside(sock: socket.socket) -> None:  # pragma: no cover - in the helper
+    keep = sock.fileno()
+    os.closerange(3, keep)
+    os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+    while True:
+        msg, fds, _, _ = socket.recv_fds(sock, 16, 1)
+        if not msg:
+            return
+        uid = NO_UID
+        for fd in fds:
+            try:
+                uid = os.fstat(fd).st_uid
+            except OSError:
+                uid = NO_UID
+            os.close(fd)
+        sock.send(struct.pack("I", uid))
+
+
+def create(
+    binfmt_path: str = DEFAULT_PATH, identity: bool | None = None, outside: bool = False
+) -> Outside | None:
     """Move this (single-threaded) process into a new sandbox. identity: map
     every id to itself (the default for root) rather than only our own to
-    root (which works anywhere, even in a sandbox that maps only one id)."""
+    root (which works anywhere, even in a sandbox that maps only one id).
+    outside: in a rootless sandbox, leave a helper outside that tells the
+    owners of files (None in an identity-mapped sandbox, which sees owners as
+    they are)."""
     reason = unsupported_reason()
     if reason:
         raise SandboxError(f"cannot make a sandbox: {reason}")
@@ -96,6 +173,7 @@ def create(binfmt_path: str = DEFAULT_PATH, identity: bool | None = None) -> Non
     uid, gid = os.getuid(), os.getgid()
     if identity is None:
         identity = uid == 0
+    left = Outside.start() if outside and not identity else None
     if identity:
         # Only a process with CAP_SETUID in the parent namespace may write a
         # map of more than one id, so a helper left outside writes it.
@@ -128,10 +206,19 @@ def create(binfmt_path: str = DEFAULT_PATH, identity: bool | None = None) -> Non
         BinfmtMisc(binfmt_path).mount()
     except QusdError as e:
         raise SandboxError(f"cannot mount a private binfmt_misc: {e.message}") from None
+    return left
 
 
-def enter(pid: int) -> None:
-    """Move this (single-threaded) process into the sandbox of process PID."""
+def namespace_owner(fd: int) -> int:
+    """The uid that owns the user namespace open at fd (NS_GET_OWNER_UID)."""
+    buf = bytearray(4)
+    fcntl.ioctl(fd, NS_GET_OWNER_UID, buf, True)
+    return int(struct.unpack("I", buf)[0])
+
+
+def enter(pid: int, force: bool = False) -> None:
+    """Move this (single-threaded) process into the sandbox of process PID:
+    only one whose user namespace our own uid owns, unless force."""
     libc = _libc()
     cwd = os.getcwd()
     try:
@@ -141,6 +228,15 @@ def enter(pid: int) -> None:
     try:
         if os.stat(f"/proc/{pid}/ns/user").st_ino == os.stat("/proc/self/ns/user").st_ino:
             raise SandboxError(f"process {pid} is not in a sandbox (it shares our user namespace)")
+        owner = namespace_owner(fds[0])
+        if owner != os.getuid() and not force:
+            raise ForbiddenError(
+                f"the sandbox of process {pid} is a user namespace owned by uid {owner}, not "
+                f"by you (uid {os.getuid()}): its owner decides what every file in it is (a "
+                "mount can put their program at /usr/bin/id), and joining it would run that "
+                "with your privileges; pass --force if you trust uid "
+                f"{owner}"
+            )
         _check(libc.setns(fds[0], CLONE_NEWUSER), f"entering the user namespace of {pid}")
         _check(libc.setns(fds[1], CLONE_NEWNS), f"entering the mount namespace of {pid}")
     finally:

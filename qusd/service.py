@@ -5,6 +5,14 @@ change goes through one table transaction (qusd.table): the kernel first,
 the state last, and the kernel undone when the state cannot be written, so
 the two never disagree about what qusd manages. Nothing here knows about
 HTTP, pydantic or asyncio: the boot-restore path runs this module too.
+
+Ownership: each record names the uid that registered it through qusd. An
+admin's entry is qusd's to keep: when another tool puts a different
+definition under its name, restore puts qusd's back (drift = "restore") or
+reports it (drift = "report"). A user's entry defers to any other
+definition (a conflict, reported). Users change only their own entries.
+Entries qusd never registered are never touched by restore, reconcile, a
+managed reset or a refused request.
 """
 
 from __future__ import annotations
@@ -23,9 +31,9 @@ from qusd.errors import ForbiddenError, NoSuchEntryError, NotMountedError, QusdE
 from qusd.events import Events
 from qusd.interpreters import FileId
 from qusd.native import Verdict
-from qusd.policy import Caller, Policy, Role, native_headers
+from qusd.policy import Caller, Pinned, Policy, Role, Trust, native_headers
 from qusd.state import Record, State
-from qusd.table import Action, Transaction, Want
+from qusd.table import Action, Change, Transaction, Want
 
 log = logging.getLogger("qusd.service")
 
@@ -35,7 +43,8 @@ RESET_SCOPES = ("managed", "qemu", "all")
 SWAP_NAME = "qusd-swap"
 #: real programs of the host's, which no rule may capture
 HOST_SAMPLES = ("/proc/self/exe", "/bin/sh")
-_TRANSIENT = ("conflict:", "restore:")
+#: warnings that describe the table now, rebuilt at every restore
+_TRANSIENT = ("conflict:", "restore:", "drift:")
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,10 @@ class Registration:
     #: an F entry holding an interpreter file that has since been replaced
     #: (a package upgrade): re-registered at the next reconcile
     interpreter_stale: bool = False
+    #: the uid that registered it through qusd (None: qusd did not)
+    owner: int | None = None
+    #: qusd keeps the name against other definitions (an admin's entry)
+    kept: bool = False
 
 
 @dataclass
@@ -116,6 +129,7 @@ class Service:
         sandbox_pid: int | None = None,
         events: Events | None = None,
         policy: Policy | None = None,
+        trust: Trust | None = None,
     ) -> None:
         self.kernel = kernel
         self.state = state
@@ -131,6 +145,7 @@ class Service:
             self.family,
             catalog,
             native_headers(catalog, self.family, HOST_SAMPLES),
+            trust=trust or Trust.here(),
         )
         #: (code, message) pairs for /v1/status: conflicts, corrupt state, ...
         self.warnings: dict[str, str] = {f"state:{i}": w for i, w in enumerate(state.warnings)}
@@ -153,42 +168,72 @@ class Service:
 
     def restore(self) -> RestoreReport:
         """Bring the kernel in line with the state: register what is missing,
-        adopt what is there, take back names qusd owns, leave other
-        conflicts alone and report them."""
+        adopt what is there, put back what qusd keeps (an admin's entries)
+        where another definition took its place, leave users' entries in
+        conflict alone and report them. Every record passes the checks a
+        request passes before it is registered again."""
         report = RestoreReport()
         if not self.kernel.is_mounted():
             return report
         before = self.warnings
-        # conflict and restore warnings describe the table now: rebuilt each time
         self.warnings = {k: v for k, v in before.items() if not k.startswith(_TRANSIENT)}
         records = dict(self.state.records)
+        take_back = self.config.drift == "restore"
         wants = [
-            Want(r.rule, r.enabled, replace=r.owned and r.persistent) for r in records.values()
+            Want(r.rule, r.enabled, replace=r.owned and r.persistent and take_back)
+            for r in records.values()
         ]
-        todo = []
-        for change in table.plan(self.kernel, wants):
-            name = change.name
-            if change.action is Action.UNCHANGED:
-                report.adopted.append(name)
-            elif change.action is Action.CONFLICT:
-                assert change.before is not None
-                report.conflicts.append(name)
-                self._warn(
-                    before,
-                    f"conflict:{name}",
-                    f"{name} is in the kernel with another definition "
-                    f"({change.before.describe()}); qusd left it alone (register it with "
-                    "replace to make qusd keep it)",
-                    "conflict",
-                )
-            elif change.action is Action.ADD and not records[name].persistent:
-                report.dropped.append(name)
-                del records[name]
-            else:
-                todo.append(change)
-        failed = table.apply_each(self.kernel, todo)
+        todo: list[Change] = []
+        pins: dict[str, Pinned] = {}
+        try:
+            for change in table.plan(self.kernel, wants):
+                name, rec = change.name, records[change.name]
+                if change.action is Action.UNCHANGED:
+                    report.adopted.append(name)
+                elif change.action is Action.CONFLICT:
+                    assert change.before is not None
+                    report.conflicts.append(name)
+                    self._conflict(before, rec, change.before)
+                elif change.action is Action.ADD and not rec.persistent:
+                    report.dropped.append(name)
+                    del records[name]
+                else:
+                    try:
+                        pin = self.policy.check_record(rec)
+                    except QusdError as e:
+                        report.failed.append(name)  # the state's record fails a check
+                        self._warn(before, f"restore:{name}",
+                                   f"could not restore {name}: {e.message}", "refused")  # fmt: skip
+                        continue
+                    if pin is not None:
+                        pins[name] = pin
+                    todo.append(change)
+            failed = table.apply_each(self.kernel, todo, after=lambda c: _verify(pins.get(c.name)))
+        finally:
+            for pin in pins.values():
+                pin.close()
+        self._tell_restored(before, todo, failed, report)
+        if report.dropped:
+            try:
+                self.state.save(records)
+            except QusdError as e:
+                log.error("%s", e.message)
+        return report
+
+    def _tell_restored(
+        self,
+        before: dict[str, str],
+        todo: Sequence[Change],
+        failed: dict[str, QusdError],
+        report: RestoreReport,
+    ) -> None:
         for change in todo:
             name = change.name
+            if change.before is not None:  # another definition where qusd keeps its own
+                self.events.emit("drift", f"drift: {name} had another definition "
+                                 f"({change.before.describe()}), put there by another "
+                                 "process; qusd keeps this name", names=[name],
+                                 level=logging.WARNING)  # fmt: skip
             if name in failed:
                 report.failed.append(name)
                 verb = "take back" if change.action is Action.REPLACE else "restore"
@@ -202,12 +247,26 @@ class Service:
                 report.restored.append(name)
                 self.events.emit("restored", f"restored {name} ({change.rule.interpreter})",
                                  names=[name])  # fmt: skip
-        if report.dropped:
-            try:
-                self.state.save(records)
-            except QusdError as e:
-                log.error("%s", e.message)
-        return report
+
+    def _conflict(self, before: dict[str, str], rec: Record, there: Entry) -> None:
+        """Another definition under a recorded name, left alone: drift for a
+        name qusd keeps (drift = "report"), else a conflict."""
+        name = rec.rule.name
+        if rec.owned and rec.persistent:
+            self._warn(before, f"drift:{name}",
+                       f"drift: {name} has another definition ({there.describe()}); "
+                       'drift = "report": qusd left it (drift = "restore" puts qusd\'s back)',
+                       "drift")  # fmt: skip
+            return
+        why = (
+            "not persistent"
+            if rec.owned
+            else f"registered by uid {rec.owner} as a user, or before qusd kept admins' entries"
+        )
+        self._warn(before, f"conflict:{name}",
+                   f"{name} is in the kernel with another definition ({there.describe()}); "
+                   f"qusd left it alone ({why}; an admin who registers it makes qusd keep it)",
+                   "conflict")  # fmt: skip
 
     def _warn(self, before: dict[str, str], key: str, message: str, kind: str = "") -> None:
         """Record a warning; tell it only when it is new."""
@@ -306,7 +365,13 @@ class Service:
                 continue  # not in the kernel as qusd registered it
             if rec.stamp is not None and name not in fresh:
                 try:
-                    self.swap_interpreter(entry)
+                    # the new file passes what a registration passes
+                    pin = self.policy.check_record(rec)
+                    try:
+                        self.swap_interpreter(entry)
+                    finally:
+                        if pin is not None:
+                            pin.close()
                 except QusdError as e:
                     report.failed.append(name)
                     self._warn(self.warnings, f"restore:{name}",
@@ -351,13 +416,15 @@ class Service:
 
     def _view(self, entry: Entry) -> Registration:
         rec = self.state.records.get(entry.name)
-        managed = rec is not None and rec.rule == entry.rule()
+        mine = rec if rec is not None and rec.rule == entry.rule() else None
         return Registration(
             entry=entry,
-            managed=managed,
-            persistent=managed and rec is not None and rec.persistent,
+            managed=mine is not None,
+            persistent=mine is not None and mine.persistent,
             target=self._target_of(entry),
-            interpreter_stale=managed and self._stale(rec),
+            interpreter_stale=mine is not None and self._stale(mine),
+            owner=mine.owner if mine is not None else None,
+            kept=mine is not None and mine.owned,
         )
 
     def registrations(self) -> list[Registration]:
@@ -444,42 +511,34 @@ class Service:
         replace_existing: bool,
         overrides: Overrides,
     ) -> RegisterResult:
-        """Register rules (with their catalog target, if any), all or none."""
-        for rule, _ in items:
-            rule.encode()
-            self.policy.check_rule(
-                caller, rule, overrides.force, overrides.allow_untrusted_interpreter
-            )
-        self._require_mounted()
-        plan = table.plan(self.kernel, [Want(r, replace=replace_existing) for r, _ in items])
-        plan.refuse_conflicts("replace it explicitly (qusctl register --replace)")
-        records = dict(self.state.records)
-        admin = self.policy.role(caller) is Role.ADMIN
-        for change, (_, target) in zip(plan, items, strict=True):
-            managed = change.before is not None and self._view(change.before).managed
-            unchanged = change.action is Action.UNCHANGED
-            if change.action is Action.REPLACE:
-                self.policy.check_replace(caller, managed, change.name)
-            if unchanged and not managed and not admin:
-                continue  # only an admin may adopt another tool's entry
-            # the record says what the kernel will hold: an entry left
-            # unchanged keeps its enabled state, a new one is enabled
-            enabled = change.before.enabled if unchanged and change.before else True
-            old = records.get(change.name)
-            owned = change.action is Action.REPLACE or (
-                old is not None and old.owned and old.rule == change.rule
-            )
-            stamp = old.stamp if unchanged and old is not None and old.rule == change.rule else None
-            records[change.name] = Record(
-                change.rule,
-                persistent,
-                enabled,
-                target,
-                owned,
-                stamp or FileId.of(change.rule.interpreter),
-            )
-        changing = plan.of(Action.ADD, Action.REPLACE)
-        table.apply(self.kernel, changing, save=lambda: self._save(records))
+        """Register rules (with their catalog target, if any), all or none.
+        The record says who asked: an admin's is kept, a user's defers."""
+        pins: list[Pinned] = []
+        try:
+            for rule, _ in items:
+                rule.encode()
+                pin = self.policy.check_rule(
+                    caller, rule, overrides.force, overrides.allow_untrusted_interpreter
+                )
+                if pin is not None:
+                    pins.append(pin)
+            self._require_mounted()
+            wants = [Want(r, replace=replace_existing) for r, _ in items]
+            plan = table.plan(self.kernel, wants)
+            plan.refuse_conflicts("replace it explicitly (qusctl register --replace)")
+            records = self._records_for(caller, plan, [t for _, t in items], persistent,
+                                        overrides)  # fmt: skip
+            changing = plan.of(Action.ADD, Action.REPLACE)
+
+            def verify_and_save() -> None:
+                for pin in pins:
+                    pin.verify()  # the kernel opened the file that was checked
+                self._save(records)
+
+            table.apply(self.kernel, changing, save=verify_and_save)
+        finally:
+            for pin in pins:
+                pin.close()
         result = RegisterResult()
         for change in changing:
             rule = change.rule
@@ -490,11 +549,51 @@ class Service:
         result.unchanged = [self.registration(c.name) for c in plan.of(Action.UNCHANGED)]
         return result
 
+    def _records_for(
+        self,
+        caller: Caller,
+        plan: table.Plan,
+        targets: Sequence[str | None],
+        persistent: bool,
+        overrides: Overrides,
+    ) -> dict[str, Record]:
+        """The records after a registration: each names the caller as its
+        owner. Users replace only their own entries, and take over no record
+        of someone else's; an entry left unchanged that is not theirs stays
+        as it is."""
+        records = dict(self.state.records)
+        admin = self.policy.role(caller) is Role.ADMIN
+        for change, target in zip(plan, targets, strict=True):
+            name = change.name
+            owner = self._view(change.before).owner if change.before is not None else None
+            old = records.get(name)
+            if change.action is Action.REPLACE:
+                self.policy.check_replace(caller, owner, name)
+            elif change.action is Action.ADD and old is not None:
+                # recorded, but not in the kernel now (its restore failed)
+                self.policy.check_replace(caller, old.owner, name)
+            unchanged = change.action is Action.UNCHANGED
+            if unchanged and not admin and owner != caller.uid:
+                continue  # another tool's, an admin's or another user's: theirs
+            # the record says what the kernel will hold: an entry left
+            # unchanged keeps its enabled state, a new one is enabled
+            enabled = change.before.enabled if unchanged and change.before else True
+            # the interpreter file the entry holds: kept for an entry left as
+            # it is, taken now for one the kernel is about to open
+            stamp = old.stamp if unchanged and old is not None and old.rule == change.rule else None
+            records[name] = Record(
+                change.rule, persistent, enabled, target, owned=admin,
+                stamp=stamp or FileId.of(change.rule.interpreter), owner=caller.uid,
+                force=admin and overrides.force,
+                allow_untrusted_interpreter=admin and overrides.allow_untrusted_interpreter,
+            )  # fmt: skip
+        return records
+
     def set_enabled(self, caller: Caller, name: str, enabled: bool) -> Registration:
         entry = self.kernel.entry(name)
         action = "enable" if enabled else "disable"
         view = self._view(entry)
-        self.policy.check_modify(caller, name, view.managed, action)
+        self.policy.check_modify(caller, name, view.owner, action)
         records = dict(self.state.records)
         rec = records.get(name)
         if view.managed and rec is not None:
@@ -507,22 +606,39 @@ class Service:
         return self.registration(name)
 
     def unregister(self, caller: Caller, name: str) -> None:
+        """Remove the entry and its record. A user's record under another
+        tool's definition (deferring) goes alone: that entry is not qusd's."""
         entry = self.kernel.get(name) if self.kernel.is_mounted() else None
-        if entry is None and name not in self.state.records:
+        rec = self.state.records.get(name)
+        if entry is None and rec is None:
             raise NoSuchEntryError(f"no binfmt_misc entry named {name!r}")
-        managed = entry is None or self._view(entry).managed
-        self.policy.check_modify(caller, name, managed, "unregister")
-        self._remove([entry] if entry else [], forget=[name])
+        if entry is None or self._view(entry).managed:
+            owner = self._view(entry).owner if entry is not None else rec.owner if rec else None
+            self.policy.check_modify(caller, name, owner, "unregister")
+            self._remove([entry] if entry else [], forget=[name])
+        elif (
+            rec is not None
+            and rec.owner == caller.uid
+            and (self.policy.role(caller) is not Role.ADMIN)
+        ):
+            self._remove([], forget=[name])  # the kernel's entry is another tool's
+        else:
+            self.policy.check_modify(caller, name, None, "unregister")
+            self._remove([entry], forget=[name])
         self.events.emit("unregistered", f"unregistered {name}", names=[name], actor=caller.uid)
 
     def reset(self, caller: Caller, scope: str = "managed") -> list[str]:
-        """Remove what qusd made, every qemu-* entry, or everything."""
+        """Remove what qusd made (what the caller made, for a user), every
+        qemu-* entry, or everything."""
         if scope not in RESET_SCOPES:
             raise ValueError(scope)
         self.policy.check_reset(caller, scope)
         self._require_mounted()
         entries = self.kernel.entries()
-        if scope == "managed":
+        if scope == "managed" and self.policy.role(caller) is not Role.ADMIN:
+            chosen = [e for e in entries if self._view(e).owner == caller.uid]
+            forget = [n for n, r in self.state.records.items() if r.owner == caller.uid]
+        elif scope == "managed":
             chosen = [e for e in entries if self._view(e).managed]
             forget = list(self.state.records)
         elif scope == "qemu":
@@ -656,6 +772,11 @@ class Service:
     def _stored(self) -> dict[str, provision.Installed]:
         store = self.config.interpreter_store
         return provision.manifest(store) if store else {}
+
+
+def _verify(pin: Pinned | None) -> None:
+    if pin is not None:
+        pin.verify()
 
 
 def _as_entry(rule: Rule) -> Entry:

@@ -3,25 +3,36 @@
 One JSON document, versioned, replaced atomically (temp file, fsync, rename,
 fsync of the directory): a crash leaves the old or the new file, never a
 torn one. A file that cannot be read is moved aside, never dropped.
+
+What the state holds is registered at every start, so whoever can change it
+chooses what runs in every foreign exec: the directory and the file must be
+root's (or, in rootless mode, the user's who runs qusd) and writable by
+nobody else (check_directory, as sshd's StrictModes), state.json a regular
+file; the temporary file is made with O_EXCL|O_NOFOLLOW.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import stat
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qusd import paths
 from qusd.binfmt import Rule
-from qusd.errors import InvalidRuleError, QusdError, StateError
+from qusd.errors import InvalidRuleError, QusdError, StateError, UnsafeStateError
 from qusd.interpreters import FileId
 
 VERSION = 1
 FILENAME = "state.json"
+LOCK = ".lock"
 
 log = logging.getLogger("qusd.state")
 
@@ -34,13 +45,21 @@ class Record:
     persistent: bool = True
     enabled: bool = True
     target: str | None = None
-    #: registered over another definition (replace): qusd keeps the name
-    #: against other definitions that come back (a distribution's binfmt.d
-    #: rules, which systemd-binfmt registers at every boot and restart)
+    #: qusd keeps the name ("kept" in the API): an admin registered it, so
+    #: when another tool puts a different definition there (a distribution's
+    #: binfmt.d rules, which systemd-binfmt registers at every boot), qusd
+    #: puts its own back (drift = "restore"). A user's entry defers.
     owned: bool = False
     #: the interpreter file an F entry holds open (taken when qusd
     #: registered it): another file there now means an upgrade
     stamp: FileId | None = None
+    #: the uid that registered it through qusd; users may change only their
+    #: own. Records from before owners were recorded load as root's (0).
+    owner: int = 0
+    #: the overrides an admin gave, honoured again at every restore (the
+    #: checks themselves run again: the machine may have changed)
+    force: bool = False
+    allow_untrusted_interpreter: bool = False
 
     def to_json(self) -> dict[str, Any]:
         r = self.rule
@@ -57,6 +76,9 @@ class Record:
             "enabled": self.enabled,
             "target": self.target,
             "owned": self.owned,
+            "owner": self.owner,
+            "force": self.force,
+            "allow_untrusted_interpreter": self.allow_untrusted_interpreter,
             **({"interpreter_file": self.stamp.to_json()} if self.stamp is not None else {}),
         }
 
@@ -74,9 +96,26 @@ class Record:
         rule.encode()  # refuse a record the kernel would refuse
         rule = rule.normalized()
         target = d.get("target")
-        owned = _typed(d, "owned", bool) if "owned" in d else False
-        return cls(rule, _typed(d, "persistent", bool), _typed(d, "enabled", bool), target, owned,
-                   _file_id(d.get("interpreter_file")))  # fmt: skip
+        if target is not None and not isinstance(target, str):
+            raise TypeError("target must be str")
+        owner = _typed(d, "owner", int) if "owner" in d else 0  # before owners: root's
+        if owner < 0:
+            raise ValueError("owner must be a uid")
+        return cls(
+            rule,
+            _typed(d, "persistent", bool),
+            _typed(d, "enabled", bool),
+            target,
+            owned=_flag(d, "owned"),
+            stamp=_file_id(d.get("interpreter_file")),
+            owner=owner,
+            force=_flag(d, "force"),
+            allow_untrusted_interpreter=_flag(d, "allow_untrusted_interpreter"),
+        )
+
+
+def _flag(d: dict[str, Any], key: str) -> bool:
+    return bool(_typed(d, key, bool)) if key in d else False
 
 
 def _file_id(value: Any) -> FileId | None:
@@ -107,14 +146,29 @@ class State:
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> State:
+        """The records; UnsafeStateError when state.json is not a regular
+        file (a FIFO would hang the start, a symlink lead elsewhere)."""
         state = cls(directory)
         try:
-            raw = state.path.read_bytes()
+            fd = os.open(state.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return state
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise _not_regular(state.path, "symlink") from None
             state._set_aside(f"unreadable ({e.strerror})")
             return state
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise _not_regular(state.path, paths.kind_of(st.st_mode))
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                raw = f.read()
+        except OSError as e:
+            state._set_aside(f"unreadable ({e.strerror})")
+            return state
+        finally:
+            os.close(fd)
         try:
             doc = json.loads(raw)
             if (
@@ -164,7 +218,7 @@ class State:
         tmp = self.path.with_name(f".{FILENAME}.{os.getpid()}.tmp")
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o755)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            fd = _create(tmp)
             try:
                 view = memoryview(data)
                 while view:
@@ -174,8 +228,9 @@ class State:
                 os.close(fd)
             os.rename(tmp, self.path)
         except OSError as e:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            if e.errno != errno.EEXIST:  # else it is not ours
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
             raise StateError(
                 f"cannot write {self.path}: {e.strerror}; the change was rolled back"
             ) from None
@@ -188,3 +243,76 @@ class State:
                 os.close(dfd)
         except OSError as e:
             log.warning("cannot fsync %s: %s", self.directory, e.strerror)
+
+
+def _create(tmp: Path) -> int:
+    """A new temporary file, never an existing one and never through a
+    symlink (O_EXCL|O_NOFOLLOW): one left by a crash of this pid is removed
+    first (unlink removes a symlink itself, not what it points to)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(tmp, flags, 0o644)
+    except FileExistsError:
+        os.unlink(tmp)
+        return os.open(tmp, flags, 0o644)
+
+
+def _not_regular(path: Path, kind: str) -> UnsafeStateError:
+    return UnsafeStateError(
+        f"{path} is not a regular file (a {kind}): qusd reads its records from it at start; "
+        "remove it (qusd writes a new one)"
+    )
+
+
+def check_directory(directory: str | os.PathLike[str], owners: Iterable[int]) -> None:
+    """Refuse a state directory someone else could change, as sshd's
+    StrictModes does: the directory, state.json and the lock must be owned
+    by one of owners (root; in rootless mode, the user running qusd too) and
+    writable by nobody else; each directory above it owned by one of them
+    and writable by nobody else unless sticky (others may then add entries
+    but not rename ours). The directory is created (0755) if missing.
+    UnsafeStateError names the fix."""
+    trusted = frozenset(owners)
+    path = Path(os.path.abspath(directory))
+    path.mkdir(parents=True, exist_ok=True, mode=0o755)
+    who = "root" if os.geteuid() == 0 else str(os.geteuid())
+    try:
+        seen, fd = paths.nodes(str(path))
+    except OSError as e:
+        raise UnsafeStateError(f"state directory {path}: {e.strerror}") from None
+    os.close(fd)
+    for node in reversed(seen):
+        mine = node.last
+        if node.st.st_uid not in trusted:
+            raise UnsafeStateError(
+                f"{node.path}{'' if mine else f' (above the state directory {path})'} is owned "
+                f"by uid {node.st.st_uid}: whoever owns it could change what qusd restores; "
+                f"chown {who} {node.path}, or choose another state_dir"
+            )
+        if stat.S_ISLNK(node.st.st_mode):
+            continue
+        sticky = node.st.st_mode & stat.S_ISVTX and not mine
+        if node.st.st_mode & 0o022 and not sticky:
+            raise UnsafeStateError(
+                f"{node.path}{'' if mine else f' (above the state directory {path})'} is "
+                f"writable by group or others (mode {stat.S_IMODE(node.st.st_mode):o}): they "
+                f"could change what qusd restores; chmod go-w {node.path}"
+            )
+    for name in (FILENAME, LOCK):
+        file = path / name
+        try:
+            st = os.lstat(file)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(file, paths.kind_of(st.st_mode))
+        if st.st_uid not in trusted:
+            raise UnsafeStateError(
+                f"{file} is owned by uid {st.st_uid}: its owner could change what qusd "
+                f"restores; chown {who} {file}"
+            )
+        if st.st_mode & 0o022:
+            raise UnsafeStateError(
+                f"{file} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}): "
+                f"they could change what qusd restores; chmod go-w {file}"
+            )

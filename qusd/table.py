@@ -199,14 +199,22 @@ def apply(
     return done
 
 
-def apply_each(table: Table, changes: Iterable[Change]) -> dict[str, QusdError]:
+def apply_each(
+    table: Table, changes: Iterable[Change], after: Callable[[Change], object] | None = None
+) -> dict[str, QusdError]:
     """Each change on its own (a restore: one entry that cannot come back
     must not keep the others out); a failed replace puts the old entry back.
-    Returns the failures by name."""
+    after(change), if given, runs once the change is made and undoes it by
+    raising. Returns the failures by name."""
     failed: dict[str, QusdError] = {}
     for change in changes:
+
+        def check(change: Change = change) -> None:
+            if after is not None:
+                after(change)
+
         try:
-            apply(table, [change])
+            apply(table, [change], save=check)
         except QusdError as e:
             failed[change.name] = e
     return failed

@@ -47,7 +47,7 @@ NO_BODY: Final[Any] = object()
 #: the keys of a registration, as every route returns one
 REG_KEYS = set(
     "name enabled type offset magic mask extension interpreter flags "
-    "managed persistent target interpreter_stale".split()
+    "managed persistent target interpreter_stale owner kept raw".split()
 )
 TARGET_KEYS = set(
     "name family native native_by native_detail offset magic mask interpreter static "
@@ -439,6 +439,9 @@ async def test_get_one_registration(api: Api, daemon: Daemon) -> None:
         "persistent": True,
         "target": "aarch64",
         "interpreter_stale": False,
+        "owner": 0,  # root registered it through qusd
+        "kept": True,  # an admin's: qusd keeps it
+        "raw": None,  # every field is UTF-8
     }
     assert (aarch64["interpreter"], aarch64["flags"]) == (interpreter("aarch64"), "F")
     problem = await refused(
@@ -595,6 +598,9 @@ async def test_register_custom_entries(api: Api, daemon: Daemon) -> None:
         "persistent": True,
         "target": None,
         "interpreter_stale": False,
+        "owner": 0,
+        "kept": True,
+        "raw": None,
     }
     done = await ok(
         api, "POST", "/v1/registrations", {"entry": ext, "persistent": False}, status=201

@@ -623,10 +623,14 @@ def test_keep_alive_brings_back_persistent_entries(spawn: Spawn) -> None:
     assert "they had been removed from the kernel" in d.log.read_text()
 
 
-def test_keep_alive_leaves_a_foreign_definition_alone_and_reports_it(spawn: Spawn) -> None:
+def test_keep_alive_leaves_a_foreign_definition_alone_and_reports_it(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    """An entry qusd does not keep (not an admin's: a user's, or one from
+    before qusd kept admins' entries) defers to another definition."""
     interpreter("aarch64")
+    write_state(tmp_path / "state", aarch64_record())  # kept: no
     d = spawn("--reconcile-interval", "0.2")
-    register(d, "arm64")
     ours = d.inside.kernel.entry("qemu-aarch64").rule()
     d.inside.func("tests.test_daemon:swap_in", foreign_aarch64())
 
@@ -686,8 +690,8 @@ def test_a_conflict_found_at_start_is_reported_and_left_alone(
     daemon: Daemon, sbx: Sandbox, tmp_path: Path
 ) -> None:
     interpreter("aarch64")
-    register(daemon, "arm64", "s390x")
     assert daemon.stop() == 0
+    write_state(daemon.state_dir, aarch64_record(), s390x_record())  # not kept: they defer
     ours = state_records(daemon.state_dir)["qemu-aarch64"].rule
 
     sbx.kernel.register(foreign_aarch64())  # a fresh table with another tool's qemu-aarch64

@@ -31,7 +31,15 @@ from qusd.binfmt import BinfmtMisc, Rule
 from qusd.client import Client
 from qusd.errors import QusdError
 from tests.conftest import Daemon, Sandbox, busybox_path, interpreter
-from tests.test_daemon import Spawn, foreign_aarch64, register, spawn, swap_in  # noqa: F401
+from tests.test_daemon import (  # noqa: F401
+    Spawn,
+    aarch64_record,
+    foreign_aarch64,
+    register,
+    spawn,
+    swap_in,
+    write_state,
+)
 
 SYSTEMD_BINFMT = "/usr/lib/systemd/systemd-binfmt"
 DEBIAN_CONFS = sorted(Path("/usr/lib/binfmt.d").glob("qemu-*.conf"))
@@ -274,10 +282,16 @@ def test_every_kind_of_tampering_is_repaired_and_told(spawn: Spawn) -> None:  # 
     assert d.client.get("/v1/status")["warnings"] == []
 
 
-def test_a_definition_qusd_does_not_own_is_reported_on_the_stream(spawn: Spawn) -> None:  # noqa: F811
+def test_a_definition_qusd_does_not_own_is_reported_on_the_stream(
+    spawn: Spawn,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """An entry qusd does not keep (a user's, or one from before qusd kept
+    admins' entries: an admin's would be taken back) defers, told on the
+    stream as a conflict."""
     interpreter("aarch64")
+    write_state(tmp_path / "state", aarch64_record())  # restored at start; kept: no
     d = spawn("--reconcile-interval", "3600")
-    register(d, "arm64")
     with stream(d) as s:
         d.inside.func("tests.test_daemon:swap_in", foreign_aarch64())
         e = kind_for(s, "conflict", "qemu-aarch64")

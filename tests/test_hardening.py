@@ -509,7 +509,7 @@ def test_audit_records_cannot_be_forged_with_a_newline(daemon: Daemon) -> None:
         reply = http(daemon.socket, "DELETE", forging)
     assert reply.status == 404, str(reply)
     lines = daemon.log.read_text(errors="replace").splitlines()
-    assert any("audit:" in line and "action=DELETE /v1/registrations/x" in line for line in lines)
+    assert any("audit:" in line and 'action="DELETE /v1/registrations/x' in line for line in lines)
     forged = [line for line in lines if line.startswith("qusd: INFO: audit: uid=0 pid=1 ")]
     assert forged == [], forged
 

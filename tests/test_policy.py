@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qusd import catalog, policy
+from qusd import catalog, paths, policy
 from qusd.binfmt import Rule
 from qusd.config import Config
 from qusd.errors import HostTypeError, InterpreterError, UntrustedInterpreterError
@@ -98,7 +98,11 @@ def test_owner_mode_parents_and_symlinks(sbx: Sandbox, tmp_path: Path) -> None:
 
 
 def test_trusted_owners_in_the_initial_namespace() -> None:
-    assert 0 in policy.trusted_owners()
+    """Root and whoever runs qusd; never the overflow uid, which stands for
+    root and every other user alike inside a rootless sandbox."""
+    owners = policy.Trust.here().owners
+    assert 0 in owners and os.geteuid() in owners
+    assert int(Path("/proc/sys/kernel/overflowuid").read_text()) not in owners
 
 
 # -- host protection -----------------------------------------------------------------
@@ -137,3 +141,26 @@ def test_host_protection(magic: bytes, mask: bytes | None, offset: int, hijacks:
     else:
         pol.check_host_types(rule)
     pol.check_host_types(Rule("e", "/bin/true", extension="exe"))  # not ELF: never
+
+
+def test_paths_are_walked_as_the_kernel_walks_them(tmp_path: Path) -> None:
+    """`x/lnk/..` is where lnk's target is, not x: the walk follows each
+    symlink where it stands, and ends where the kernel's lookup ends."""
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y" / "z").mkdir(parents=True)
+    (tmp_path / "x" / "lnk").symlink_to("../y/z")
+    (tmp_path / "y" / "z" / "true").symlink_to("/bin/true")
+    for given in (f"{tmp_path}/x/lnk/..", f"{tmp_path}/x/lnk/true", "/bin/true", "/bin/./true"):
+        seen, fd = paths.nodes(given)
+        os.close(fd)
+        assert seen[-1].path == os.path.realpath(given) and seen[-1].last, given
+        assert all(not n.last for n in seen[:-1])
+    assert os.path.normpath(f"{tmp_path}/x/lnk/..") == f"{tmp_path}/x"  # text gets it wrong
+    walked = [n.path for n in paths.nodes(f"{tmp_path}/x/lnk/..")[0]]
+    assert walked[-5:] == [f"{tmp_path}/x/lnk", str(tmp_path), f"{tmp_path}/y", f"{tmp_path}/y/z",
+                           f"{tmp_path}/y"]  # fmt: skip
+
+
+def test_dotdot_is_refused_outright() -> None:
+    with pytest.raises(UntrustedInterpreterError, match=r"has a '\.\.' component"):
+        check_trusted("/usr/bin/../bin/true")

@@ -7,7 +7,7 @@ group is nogroup, so each role comes from a supplementary group, which the
 daemon learns only through SO_PEERGROUPS:
 
 - qusdt-admin, in qusdt-admins (and qusdt-users, to reach the socket): admin
-- qusdt-user, in qusdt-users: user
+- qusdt-user and qusdt-user2, in qusdt-users: users
 - qusdt-other, in neither: cannot reach the socket; reads when it can
 
 Each daemon runs in a sandbox whose identity uid map keeps real users' ids,
@@ -76,8 +76,9 @@ RUN = secrets.token_hex(3)
 USERS = f"qusdt-users-{RUN}"
 ADMINS = f"qusdt-admins-{RUN}"
 USER, ADMIN, OTHER = f"qusdt-user-{RUN}", f"qusdt-admin-{RUN}", f"qusdt-other-{RUN}"
+USER2 = f"qusdt-user2-{RUN}"
 #: our accounts and their supplementary groups
-ACCOUNTS = {USER: (USERS,), ADMIN: (ADMINS, USERS), OTHER: ()}
+ACCOUNTS = {USER: (USERS,), ADMIN: (ADMINS, USERS), OTHER: (), USER2: (USERS,)}
 BUILTIN = catalog.builtin()
 HOST_FAMILY = catalog.family_of(catalog.host_machine())
 AARCH64 = BUILTIN.get("aarch64")
@@ -89,8 +90,8 @@ ROLE_SETTINGS: dict[str, object] = {
     "rate_burst": 1000,  # only the rate-limit tests meet the limit
 }
 AUDIT = re.compile(
-    r"audit: uid=(?P<uid>-?\d+) pid=(?P<pid>\d+) exe=(?P<exe>\S+) "
-    r"action=(?P<action>\S+ \S+) names=(?P<names>\S+) result=(?P<result>\d+)$"
+    r'audit: uid="(?P<uid>-?\d+)" pid="(?P<pid>\d+)" exe="(?P<exe>[^"]+)" '
+    r'action="(?P<action>\S+ \S+)" names="(?P<names>[^"]+)" result="(?P<result>\d+)"$'
 )
 
 
@@ -115,6 +116,8 @@ class Accounts:
     other: Account
     users_gid: int
     admins_gid: int
+    #: a second user, whose entries the first may not touch
+    user2: Account
 
 
 def _exists(lookup: Any, name: str) -> bool:
@@ -168,7 +171,7 @@ def accounts() -> Iterator[Accounts]:
             )
             assert res.returncode == 0, res.stderr
             assert {int(g) for g in res.stdout.split()} == {NOGROUP, *(gids[g] for g in groups)}
-        yield Accounts(made[USER], made[ADMIN], made[OTHER], gids[USERS], gids[ADMINS])
+        yield Accounts(made[USER], made[ADMIN], made[OTHER], gids[USERS], gids[ADMINS], made[USER2])
     finally:
         _remove_accounts()
 
@@ -495,13 +498,15 @@ def test_user_registers_foreign_catalog_targets(accounts: Accounts, roled: Daemo
 
 
 def test_user_touches_only_what_qusd_manages(accounts: Accounts, roled: Daemon) -> None:
+    """...and, of that, only their own entries (tests/test_security.py shows
+    the entries of an admin and of another user refused)."""
     user, d = accounts.user, roled
-    d.client.request("POST", "/v1/registrations", {"targets": ["aarch64"]})  # by root
+    reg = "/v1/registrations"
+    ok(d, user, "POST", reg, {"targets": ["aarch64"]}, status=201)
     for rule in (WINE, foreign_qemu("ppc64le")):  # by other tools
         d.inside.kernel.register(rule)
-    reg = "/v1/registrations"
 
-    # managed (even if an admin made it): disable, enable
+    # managed, theirs: disable, enable
     assert ok(d, user, "PATCH", f"{reg}/qemu-aarch64", {"enabled": False})["enabled"] is False
     assert in_kernel(d)["qemu-aarch64"].enabled is False
     assert recorded(d)["qemu-aarch64"]["enabled"] is False
@@ -847,7 +852,7 @@ def test_mutations_are_rate_limited_per_uid(accounts: Accounts, workdir: Path) -
         retry = ans.headers["retry-after"]
         assert retry.isdigit() and 1 <= int(retry) <= 2, retry
         assert f"retry in {retry} s" in ans.detail
-        assert ok(d, user, "GET", "/v1/registrations")  # reading is never limited
+        assert ok(d, user, "GET", "/v1/registrations")  # reads have a bucket of their own
         # other uids have buckets of their own; admins have none
         refused(d, other, "POST", reg, {"targets": ["s390x"]}, says=["may only read"])
         for i in range(6):
@@ -997,7 +1002,7 @@ def test_rootless_daemon_of_an_ordinary_user(
         assert (run.returncode, run.stdout.strip()) == (0, "aarch64"), run.stderr
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, log.read_text()
-        assert f"audit: uid=0 pid={done.pid} " in log.read_text()  # root in its namespace
+        assert f'audit: uid="0" pid="{done.pid}" ' in log.read_text()  # root in its namespace
     finally:
         if proc.poll() is None:
             proc.kill()

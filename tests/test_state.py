@@ -14,7 +14,7 @@ import pytest
 
 from qusd import catalog
 from qusd.binfmt import Rule
-from qusd.errors import StateError
+from qusd.errors import StateError, UnsafeStateError
 from qusd.state import FILENAME, VERSION, Record, State
 
 AARCH64 = catalog.builtin().get("aarch64")
@@ -179,13 +179,63 @@ def test_corrupt_files_never_overwrite_each_other(tmp_path: Path) -> None:
     assert kept == [b"garbage 0", b"garbage 1", b"garbage 2"]
 
 
-def test_unreadable_file_is_moved_aside(tmp_path: Path) -> None:
-    (tmp_path / FILENAME).mkdir()  # reading it fails: EISDIR
+def test_unreadable_file_is_moved_aside(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    State(tmp_path).save(records())
+
+    def eio(fd: int, *args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fdopen", eio)  # reading it fails: EIO
     st = State.load(tmp_path)
+    monkeypatch.undo()
     assert st.records == {}
     (warning,) = st.warnings
-    assert "was unreadable (Is a directory); moved to" in warning
+    assert "was unreadable (Input/output error); moved to" in warning
     assert len(list(tmp_path.glob(f"{FILENAME}.corrupt-*"))) == 1
+
+
+@pytest.mark.parametrize("kind", ["directory", "FIFO", "symlink"])
+def test_a_state_file_that_is_not_regular_is_refused(tmp_path: Path, kind: str) -> None:
+    """Opened with O_NONBLOCK|O_NOFOLLOW: a FIFO does not hang the start, a
+    symlink is not followed; the daemon refuses to start (78), naming the fix."""
+    path = tmp_path / FILENAME
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "FIFO":
+        os.mkfifo(path)
+    else:
+        (tmp_path / "elsewhere.json").write_text('{"version": 1, "registrations": []}')
+        path.symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(UnsafeStateError) as info:
+        State.load(tmp_path)
+    assert f"{path} is not a regular file (a {kind})" in info.value.message
+    assert "remove it" in info.value.message and info.value.exit_status == 78
+
+
+def test_the_temporary_file_is_never_followed(tmp_path: Path) -> None:
+    """A symlink planted at the temporary file's name: removed, not written
+    through (O_EXCL|O_NOFOLLOW)."""
+    victim = tmp_path / "victim"
+    victim.write_text("untouched")
+    (tmp_path / f".{FILENAME}.{os.getpid()}.tmp").symlink_to(victim)
+    State(tmp_path).save(records())
+    assert victim.read_text() == "untouched"
+    assert set(State.load(tmp_path).records) == set(records())
+    assert sorted(os.listdir(tmp_path)) == [FILENAME, "victim"]
+
+
+def test_owners_and_overrides_round_trip_and_old_records_are_roots(tmp_path: Path) -> None:
+    rec = Record(AARCH64.rule("/usr/bin/qemu-aarch64-static", "F"), owned=True, owner=1001,
+                 force=True, allow_untrusted_interpreter=True)  # fmt: skip
+    State(tmp_path).save({rec.rule.name: rec})
+    assert State.load(tmp_path).records == {rec.rule.name: rec}
+    old = {k: v for k, v in rec.to_json().items()
+           if k not in ("owner", "force", "allow_untrusted_interpreter")}  # fmt: skip
+    (tmp_path / FILENAME).write_text(json.dumps({"version": 1, "registrations": [old]}))
+    (back,) = State.load(tmp_path).records.values()
+    assert (back.owner, back.owned, back.force, back.allow_untrusted_interpreter) == (
+        0, True, False, False,
+    )  # fmt: skip
 
 
 def test_deeply_nested_json_is_moved_aside(tmp_path: Path) -> None:

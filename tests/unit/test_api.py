@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from qusd import api, errors, openapi
 from qusd.binfmt import Rule
@@ -27,9 +27,12 @@ MakeClient = Callable[..., Awaitable[Client]]
 
 async def client_for(aiohttp_client: MakeClient, svc: Service) -> Client:
     """The app, with the caller named by the X-Test-As header (the tests'
-    own caller_of: the daemon's reads the kernel's peer credentials)."""
+    own caller_of: the daemon's reads the kernel's peer credentials), served
+    as the daemon serves it: bodies never decoded."""
     app = api.make_app(svc, caller_of=lambda r: CALLERS[r.headers.get("X-Test-As", "reader")])
-    return await aiohttp_client(app)
+    server = TestServer(app)
+    await server.start_server(auto_decompress=False)
+    return await aiohttp_client(server)
 
 
 async def problem(resp: Any, status: int, code: str) -> dict[str, Any]:
@@ -114,12 +117,12 @@ async def test_audit_names_come_from_the_route(
     await c.get("/v1/registrations")  # reads leave no audit line
     lines = [r.getMessage() for r in caplog.records if r.name == "qusd.audit"]
     assert [(line.split("names=")[1]) for line in lines] == [
-        "arm64 result=201",
-        "qemu-aarch64 result=400",  # a refused body, the path's name still audited
-        "scope=all result=403",
-        "- result=422",
+        '"arm64" result="201"',
+        '"qemu-aarch64" result="400"',  # a refused body, the path's name still audited
+        '"scope=all" result="403"',
+        '"-" result="422"',
     ]
-    assert all(f"uid={CALLERS['user'].uid} " in line for line in lines)
+    assert all(f'uid="{CALLERS["user"].uid}" ' in line for line in lines)
 
 
 async def test_rate_limit(aiohttp_client: MakeClient, world: World) -> None:
@@ -157,3 +160,30 @@ def test_every_error_survives_the_trip_to_a_client(code: str) -> None:
 def test_every_class_has_its_own_code() -> None:
     classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, QusdError)]
     assert len({c.code for c in classes}) == len(classes)
+
+
+async def test_a_body_with_a_content_encoding_is_refused(
+    aiohttp_client: MakeClient, world: World
+) -> None:
+    c = await client_for(aiohttp_client, world.service())
+    for coding in ("gzip", "br", "deflate, gzip"):
+        resp = await c.post("/v1/reset", data=b'{"scope": "all"}', headers={
+            "X-Test-As": "admin", "Content-Type": "application/json",
+            "Content-Encoding": coding})  # fmt: skip
+        doc = await problem(resp, 415, "unsupported-media-type")
+        assert "send the body without Content-Encoding" in doc["detail"]
+        assert resp.headers["Accept-Encoding"] == "identity"
+    assert world.kernel.writes == []
+
+
+async def test_bytes_that_are_not_utf8_are_shown_losslessly(
+    aiohttp_client: MakeClient, world: World
+) -> None:
+    odd = Rule("x\udcff", "/opt/caf\udce9/qemu", extension="qusdt")  # as os.fsdecode reads them
+    world.kernel.table[odd.name] = entry(odd)
+    c = await client_for(aiohttp_client, world.service())
+    (reg,) = await (await c.get("/v1/registrations")).json()
+    assert (reg["name"], reg["interpreter"]) == ("x\\xff", "/opt/caf\\xe9/qemu")
+    assert reg["raw"] == {"name": "78ff", "interpreter": "2f6f70742f636166e92f71656d75",
+                          "extension": None}  # fmt: skip
+    assert (await c.get("/v1/status")).status == 200

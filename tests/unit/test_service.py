@@ -16,11 +16,13 @@ from qusd.errors import (
     KernelError,
     NotMountedError,
     StateError,
+    UntrustedInterpreterError,
 )
 from qusd.events import Event
+from qusd.policy import Caller
 from qusd.service import Overrides, Service
 from qusd.state import Record, State
-from tests.unit.conftest import ADMIN, CAT, READER, ROOT, USER, World
+from tests.unit.conftest import ADMIN, CAT, READER, ROOT, USER, USERS_GID, World
 
 
 def entry(rule: Rule, enabled: bool = True) -> Entry:
@@ -82,14 +84,15 @@ def test_restore_every_branch(world: World) -> None:
     assert "could not restore qemu-sh4: the F flag opens" in svc.warnings["restore:qemu-sh4"]
     assert [(e.kind, e.names) for e in seen] == [
         ("conflict", ("qemu-m68k",)),
-        ("restored", ("qemu-s390x",)),
+        ("drift", ("qemu-s390x",)),  # another definition in its place: told, then
+        ("restored", ("qemu-s390x",)),  # put back
         ("restored", ("qemu-riscv64",)),
     ]
-    assert all(e.actor == "qusd" for e in seen) and [e.seq for e in seen] == [1, 2, 3]
+    assert all(e.actor == "qusd" for e in seen) and [e.seq for e in seen] == [1, 2, 3, 4]
 
     again = svc.restore()  # nothing new: the conflict is not told twice
     assert sorted(again.adopted) == ["qemu-aarch64", "qemu-riscv64", "qemu-s390x"]
-    assert len(seen) == 3
+    assert len(seen) == 4
 
 
 def test_restore_without_binfmt_misc_does_nothing(world: World) -> None:
@@ -245,3 +248,107 @@ def test_an_admin_may_adopt_another_tools_identical_entry_a_user_may_not(world: 
     assert not svc.state.records
     svc.register_targets(ADMIN, ["aarch64"])
     assert list(svc.state.records) == ["qemu-aarch64"]
+
+
+# -- ownership -------------------------------------------------------------------------------
+
+OTHER_USER = Caller(1004, 100, 5, frozenset({100, USERS_GID}))
+
+
+def test_records_name_their_owner_and_an_admins_is_kept(world: World) -> None:
+    svc = world.service()
+    svc.register_targets(USER, ["aarch64"])
+    svc.register_targets(ADMIN, ["s390x"], overrides=Overrides(allow_untrusted_interpreter=True))
+    recs = State.load(world.state_dir).records
+    got = {n: (r.owner, r.owned, r.allow_untrusted_interpreter) for n, r in recs.items()}
+    assert got == {"qemu-aarch64": (USER.uid, False, False), "qemu-s390x": (ADMIN.uid, True, True)}
+    views = {r.entry.name: (r.owner, r.kept) for r in svc.registrations()}
+    assert views == {"qemu-aarch64": (USER.uid, False), "qemu-s390x": (ADMIN.uid, True)}
+    world.kernel.table["DOSWin"] = entry(Rule("DOSWin", "/usr/bin/wine", extension="exe"))
+    assert (svc.registration("DOSWin").owner, svc.registration("DOSWin").kept) == (None, False)
+
+
+def test_users_change_replace_and_reset_only_their_own(world: World) -> None:
+    svc = world.service()
+    svc.register_targets(USER, ["aarch64"])
+    svc.register_targets(OTHER_USER, ["s390x"])
+    svc.register_targets(ADMIN, ["riscv64"])
+    writes = len(world.kernel.writes)
+    for name, owner in (("qemu-s390x", OTHER_USER.uid), ("qemu-riscv64", ADMIN.uid)):
+        with pytest.raises(ForbiddenError, match=f"registered by uid {owner}: users may disable"):
+            svc.set_enabled(USER, name, False)
+        with pytest.raises(ForbiddenError, match="users may unregister only entries they"):
+            svc.unregister(USER, name)
+        with pytest.raises(ForbiddenError, match="users may replace only entries they"):
+            svc.register_targets(USER, [name.removeprefix("qemu-")], "P", replace_existing=True)
+    assert len(world.kernel.writes) == writes  # refused: nothing written
+    svc.register_targets(USER, ["aarch64"], "P", replace_existing=True)  # their own
+    rec = State.load(world.state_dir).records["qemu-aarch64"]
+    assert world.kernel.table["qemu-aarch64"].flags == "P"
+    assert (rec.owner, rec.owned) == (USER.uid, False)
+    assert svc.reset(USER, "managed") == ["qemu-aarch64"]
+    assert sorted(world.kernel.table) == ["qemu-riscv64", "qemu-s390x"]
+    assert sorted(State.load(world.state_dir).records) == ["qemu-riscv64", "qemu-s390x"]
+    svc.set_enabled(ADMIN, "qemu-s390x", False)  # admins: any
+    assert sorted(svc.reset(ADMIN, "managed")) == ["qemu-riscv64", "qemu-s390x"]
+
+
+def test_a_user_takes_no_record_of_someone_else(world: World) -> None:
+    """An admin's record whose entry is not in the kernel now (its restore
+    failed): a user's registration does not take the name over."""
+    recorded(world, Record(rule(world, "aarch64"), owned=True, owner=ADMIN.uid))
+    svc = world.service()
+    with pytest.raises(ForbiddenError, match=f"registered by uid {ADMIN.uid}"):
+        svc.register_targets(USER, ["aarch64"])
+    assert world.kernel.table == {}
+
+
+def test_restore_keeps_an_admins_entry_and_lets_a_users_defer(world: World) -> None:
+    aarch64, s390x = rule(world, "aarch64"), rule(world, "s390x")
+    theirs = {r.name: replace(r, interpreter="/usr/libexec/qemu-binfmt/x", flags="POF")
+              for r in (aarch64, s390x)}  # fmt: skip
+    world.kernel.table.update({n: entry(r) for n, r in theirs.items()})
+    recorded(world, Record(aarch64, owned=True, owner=ADMIN.uid), Record(s390x, owner=USER.uid))
+    report_only = world.service(drift="report")
+    report_only.restore()
+    assert {n: e.rule() for n, e in world.kernel.table.items()} == theirs  # nothing fought
+    assert sorted(report_only.warnings) == ["conflict:qemu-s390x", "drift:qemu-aarch64"]
+    svc = world.service()
+    seen = events(svc)
+    report = svc.restore()
+    assert report.restored == ["qemu-aarch64"] and report.conflicts == ["qemu-s390x"]
+    assert world.kernel.table["qemu-aarch64"].rule() == aarch64
+    assert world.kernel.table["qemu-s390x"].rule() == theirs["qemu-s390x"]
+    assert [(e.kind, e.names) for e in seen] == [
+        ("conflict", ("qemu-s390x",)),
+        ("drift", ("qemu-aarch64",)),
+        ("restored", ("qemu-aarch64",)),
+    ]
+    # the user's record under the other definition goes alone: that entry is not qusd's
+    svc.unregister(USER, "qemu-s390x")
+    assert world.kernel.table["qemu-s390x"].rule() == theirs["qemu-s390x"]
+    assert "qemu-s390x" not in State.load(world.state_dir).records
+
+
+def test_restore_checks_records_as_requests_are_checked(world: World) -> None:
+    elf = Rule("elf", "/bin/true", magic=b"\x7fELF")
+    evil = Rule("evil", "/tmp/anyone-may-write", magic=b"QUSD")
+    allowed = Record(replace(evil, name="allowed"), allow_untrusted_interpreter=True)
+    recorded(world, Record(elf), Record(replace(elf, name="forced"), force=True), Record(evil),
+             allowed)  # fmt: skip
+
+    def trusted(path: str) -> None:
+        if path == evil.interpreter:
+            raise UntrustedInterpreterError(f"{path} is writable by group or others")
+
+    world.trusted = trusted
+    svc = world.service()
+    seen = events(svc)
+    report = svc.restore()
+    assert sorted(report.failed) == ["elf", "evil"] and sorted(world.kernel.table) == [
+        "allowed", "forced",
+    ]  # fmt: skip
+    assert "would match the host's own programs" in svc.warnings["restore:elf"]
+    assert "writable by group or others" in svc.warnings["restore:evil"]
+    assert {e.kind for e in seen} == {"refused", "restored"}
+    assert set(State.load(world.state_dir).records) == {"elf", "evil", "allowed", "forced"}
