@@ -79,10 +79,17 @@ class Result:
         return self.stdout + self.stderr
 
     def table(self) -> list[list[str]]:
-        """The outcome table the step printed (after its header)."""
+        """The outcome table the step printed (after its header, before
+        verify's table, which has a header of its own)."""
         lines = self.stdout.splitlines()
         start = next(i for i, line in enumerate(lines) if line.startswith("TARGET "))
-        return [line.split() for line in lines[start + 1 :] if line and not line.startswith("::")]
+        rows = []
+        for line in lines[start + 1 :]:
+            if line.startswith("TARGET "):
+                break
+            if line and not line.startswith("::"):
+                rows.append(line.split())
+        return rows
 
     def errors(self) -> list[str]:
         return [line for line in self.stdout.splitlines() if line.startswith("::error")]
@@ -238,7 +245,7 @@ def native_platforms() -> list[str]:
 
 def test_action_yml_declares_the_inputs_and_outputs() -> None:
     action: dict[str, Any] = yaml.safe_load((ROOT / "action.yml").read_text())
-    assert set(action["inputs"]) == {"targets", "platforms", "flags", "replace"}
+    assert set(action["inputs"]) == {"targets", "platforms", "flags", "replace", "verify"}
     assert action["inputs"]["replace"]["default"] == "true"
     assert set(action["outputs"]) == {"registrations", "platforms"}
 

@@ -21,9 +21,9 @@ from tests.containers import Engine
 REASON = containers.unsupported_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
-#: qusd's modules after `import qusd.oneshot`, printed as JSON.
+#: qusd's modules after `import qusd.entrypoint` (the image's entrypoint), as JSON.
 IMPORTS = (
-    "import json, sys, qusd.oneshot; "
+    "import json, sys, qusd.entrypoint; "
     "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'qusd')))"
 )
 
