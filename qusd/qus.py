@@ -101,6 +101,14 @@ is registered then. See qus-register(1).
 """
 
 
+#: the environment variables qus-register reads (qus-register(1) has each)
+ENVIRONMENT = (
+    "QEMU_BIN_DIR", "QEMU_TARGETS", "QEMU_PATH", "QEMU_SUFFIX", "QEMU_PERSISTENT",
+    "QEMU_CREDENTIAL", "QEMU_PRESERVE_ARGV0", "QEMU_CLEAR", "QEMU_TEST", "EXPORTDIR",
+    "HOST_ARCH",
+)  # fmt: skip
+
+
 class UsageError(Exception):
     """A command line qus-register cannot read."""
 
@@ -505,7 +513,8 @@ def export(req: Request, ctx: Context) -> int:
             "the files you do not want"
         )
     debian = req.mode == "debian"
-    directory = Path(req.exportdir or (DEBIAN_DIR if debian else SYSTEMD_DIR))
+    default = DEBIAN_DIR if debian else SYSTEMD_DIR
+    directory = Path(req.exportdir or ctx.env.get("EXPORTDIR") or default)
     s = setup(req, ctx.env, present_only=False)
     rows = []
     for t in s.targets:

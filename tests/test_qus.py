@@ -333,14 +333,19 @@ def test_systemd_export_loaded_by_systemd_binfmt(
 
 
 def test_exportdir_alone_and_qemus_own_spelling(sbx: Sandbox, tmp_path: Path) -> None:
-    """--systemd=CPU (QEMU's script) and -e DIR without a mode (binfmt.d
-    files: a directory to export to is what was asked for)."""
+    """--systemd=CPU (QEMU's script), -e DIR without a mode (binfmt.d
+    files: a directory to export to is what was asked for), EXPORTDIR."""
     res = qus(sbx, "--", "--systemd=aarch64", "-e", str(tmp_path / "a"),
               env={"QEMU_PERSISTENT": "yes", "QEMU_SUFFIX": "-static"})  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["qemu-aarch64.conf"]
-    res = qus(sbx, "-s", "--", "-e", str(tmp_path / "b"), "s390x")
+    res = qus(sbx, "-s", "--", "-e", str(tmp_path / "b"), "ppc64le")
     assert res.returncode == 0, res.stderr
+    res = qus(sbx, "-s", "--", "--systemd", "s390x", env={"EXPORTDIR": str(tmp_path / "b")})
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "qemu-ppc64le.conf", "qemu-s390x.conf"
+    ]  # fmt: skip
     text = (tmp_path / "b" / "qemu-s390x.conf").read_text()
     assert text.splitlines()[1].startswith(":qemu-s390x:M:0:\\x7f\\x45\\x4c\\x46")
     assert text.splitlines()[1].endswith(":/usr/bin/qemu-s390x-static:")
