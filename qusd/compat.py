@@ -235,22 +235,24 @@ def _set_output(path: str, name: str, value: str) -> None:
         f.write(f"{name}<<{delimiter}\n{value}\n{delimiter}\n")
 
 
-def _requested(env: Mapping[str, str], cat: Catalog, host_family: str) -> list[Target]:
+def _requested(
+    env: Mapping[str, str], cat: Catalog, host_family: str, dirs: Sequence[str]
+) -> list[Target]:
     """The targets the inputs name: targets and platforms together; none or
     `all`: every foreign target that has an interpreter."""
     names = split_words(env.get("QUSD_TARGETS", "")) + [
         platform_target(p) for p in split_words(env.get("QUSD_PLATFORMS", ""))
     ]
     if not names or "all" in names:
-        everything = interpreters.foreign_with_interpreters(cat, host_family)
+        everything = interpreters.foreign_with_interpreters(cat, host_family, dirs)
         names = [n for n in names if n != "all"] + [t.name for t in everything]
     return cat.resolve(names)
 
 
-def _no_interpreter(t: Target) -> InterpreterError:
+def _no_interpreter(t: Target, dirs: Sequence[str]) -> InterpreterError:
     return InterpreterError(
         f"no interpreter for {t.name}: no {' or '.join(interpreters.candidates(t))} "
-        f"in {', '.join(interpreters.DEFAULT_DIRS)}; install qemu-user-static (the "
+        f"in {', '.join(dirs)}; install qemu-user-static (the "
         f"Action does when no QEMU interpreter is present) or drop {t.name} from the "
         "inputs",
         target=t.name,
@@ -258,8 +260,8 @@ def _no_interpreter(t: Target) -> InterpreterError:
 
 
 def _plan(
-    outcomes: list[Outcome], kernel: provide.Listing, flags: str, replace: bool,
-    host_family: str,
+    outcomes: list[Outcome], kernel: provide.Listing, flags: str, *, replace: bool,
+    host_family: str, dirs: Sequence[str],
 ) -> tuple[list[provide.Step], list[str]]:  # fmt: skip
     """What registering the foreign targets means (provide.plan), shown in
     the outcomes; and the errors that stop it all."""
@@ -269,8 +271,8 @@ def _plan(
         if t.family == host_family:
             o.result = "native"
             continue
-        found = interpreters.find(t)
-        wants.append((t, _no_interpreter(t) if found is None else t.rule(found.path, flags)))
+        found = interpreters.find(t, dirs)
+        wants.append((t, _no_interpreter(t, dirs) if found is None else t.rule(found.path, flags)))
     steps = provide.plan(kernel, wants, flags, replace)
     errors: list[str] = []
     for step in steps:
@@ -309,15 +311,17 @@ def github_action(env: Mapping[str, str], binfmt_path: str = DEFAULT_PATH) -> in
     flags = env.get("QUSD_FLAGS", "").strip() or "F"
     cat = catalog.builtin()
     host_family = catalog.family_of(catalog.host_machine())
+    dirs = provide.interpreter_dirs(env)
     kernel = BinfmtMisc(binfmt_path)
     outcomes: list[Outcome] = []
     steps: list[provide.Step] = []
     errors: list[str] = []
     try:
         replace = _truthy("replace", env.get("QUSD_REPLACE", ""), True)
-        outcomes = [Outcome(t) for t in _requested(env, cat, host_family)]
+        outcomes = [Outcome(t) for t in _requested(env, cat, host_family, dirs)]
         kernel = provide.mounted(binfmt_path)  # and left mounted
-        steps, errors = _plan(outcomes, kernel, flags, replace, host_family)
+        steps, errors = _plan(outcomes, kernel, flags, replace=replace,
+                              host_family=host_family, dirs=dirs)  # fmt: skip
         if not errors:
             _show(outcomes, provide.apply(kernel, steps))
     except QusdError as e:
@@ -332,7 +336,7 @@ def github_action(env: Mapping[str, str], binfmt_path: str = DEFAULT_PATH) -> in
         checks = verify.verify(kernel, cat, emulated) if emulated else []
         if checks:
             print(verify.render(checks), flush=True)
-        errors += [f"verify {c.target}: {c.reason}" for c in checks if not c.ok]
+        errors += [f"verify: {c.target}: {c.reason}" for c in checks if not c.ok]
     for message in errors:
         _annotate(message)
 

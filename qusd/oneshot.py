@@ -210,8 +210,7 @@ def tonistiigi(ns: argparse.Namespace) -> int:
     if ns.command is not None:
         print("qusd-binfmt: --install and --uninstall take no COMMAND", file=sys.stderr)
         return 2
-    env = os.environ.get("QUSD_INTERPRETER_DIRS", "")
-    dirs = [d for d in env.split(":") if d] or list(interpreters.search_path())
+    dirs = provide.interpreter_dirs(os.environ)
     try:
         kernel = _kernel(ns.binfmt_path)
     except QusdError as e:

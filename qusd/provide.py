@@ -15,7 +15,7 @@ Standard library only: the one-shot image and the Action run it.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -40,6 +40,13 @@ def mounted(path: str) -> BinfmtMisc:
     if not kernel.is_mounted():
         kernel.mount()
     return kernel
+
+
+def interpreter_dirs(env: Mapping[str, str]) -> list[str]:
+    """Where interpreters are looked for: $QUSD_INTERPRETER_DIRS (colon
+    separated), else qusd's store and the usual directories."""
+    given = [d for d in env.get("QUSD_INTERPRETER_DIRS", "").split(":") if d]
+    return given or list(interpreters.search_path())
 
 
 # -- does an existing entry already provide a target? ------------------------------

@@ -360,7 +360,8 @@ def test_a_missing_interpreter_fails_with_an_annotation(
     assert result.returncode == 1, result.log
     assert result.errors() == [
         "::error title=qusd binfmt::no interpreter for riscv64: no qemu-riscv64-static or "
-        "qemu-riscv64 in /usr/bin, /usr/local/bin, /usr/libexec/qemu-binfmt; install "
+        "qemu-riscv64 in /var/lib/qusd/interpreters, /usr/bin, /usr/local/bin, "
+        "/usr/libexec/qemu-binfmt; install "
         "qemu-user-static (the Action does when no QEMU interpreter is present) or drop "
         "riscv64 from the inputs"
     ]
