@@ -176,6 +176,11 @@ def test_qus_documented_examples(box: Sandbox, engine: Engine, full: str) -> Non
     assert ["aarch64", "qemu-aarch64", "F", "provided", static] in lines
     assert box.kernel.names() == ["DOSWin", "qemu-aarch64"]
 
+    res = engine.container(box.pid, full, "-l")
+    assert res.returncode == 0, res.stderr
+    assert [line.split()[0] for line in res.stdout.splitlines()] == [
+        "NAME", "DOSWin", "qemu-aarch64"
+    ]  # fmt: skip
     res = engine.container(box.pid, full, "-h")
     assert res.returncode == 0 and res.stdout.startswith("Usage: qus-register"), res.stderr
     res = engine.container(box.pid, full, "--", "-r")
@@ -188,8 +193,9 @@ def test_qus_test_suite_with_the_register_image(
 ) -> None:
     """qus' test jobs with aptman/qus:register: `-e QEMU_BIN_DIR=DIR -v
     DIR:DIR ... -s -- -p aarch64` (F keeps the host's file open once the
-    container is gone), then `-- -r`, then `-- aarch64`: Debian's dynamic
-    qemu-user, absent from the image, looked up at each exec outside it."""
+    container is gone), `-- -r`, `-s -- aarch64` and `-- aarch64` (no F:
+    the interpreters, static and Debian's dynamic qemu-user, are not in the
+    image; the kernel looks them up at each exec, outside it)."""
     tmp_path.chmod(0o755)
     shutil.copy(interpreter("aarch64"), tmp_path / "qemu-aarch64-static")
     mount = ["-e", f"QEMU_BIN_DIR={tmp_path}", "-v", f"{tmp_path}:{tmp_path}"]
@@ -198,6 +204,13 @@ def test_qus_test_suite_with_the_register_image(
     entry = box.kernel.entry("qemu-aarch64")
     assert (entry.interpreter, entry.flags) == (f"{tmp_path}/qemu-aarch64-static", "F")
     shutil.rmtree(tmp_path)
+    assert box.run([busybox_path("arm64"), "uname", "-m"]).stdout.strip() == "aarch64"
+
+    assert engine.container(box.pid, register_only, "--", "-r").returncode == 0
+    res = engine.container(box.pid, register_only, "-s", "--", "aarch64")  # qus' v/V job
+    assert res.returncode == 0, res.stderr
+    entry = box.kernel.entry("qemu-aarch64")
+    assert (entry.interpreter, entry.flags) == ("/usr/bin/qemu-aarch64-static", "")
     assert box.run([busybox_path("arm64"), "uname", "-m"]).stdout.strip() == "aarch64"
 
     assert engine.container(box.pid, register_only, "--", "-r").returncode == 0
