@@ -3,7 +3,9 @@ entries of Debian's binfmt-support (update-binfmts' database in
 /var/lib/binfmts, and the import files in /usr/share/binfmts).
 
 `qusctl import` reads them into rules (then registered through the API);
-`qusctl export --binfmt-d` writes qusd's registrations as binfmt.d files,
+`qusctl export --binfmt-d` writes qusd's registrations as binfmt.d files
+(and qus-register --systemd / --debian writes both formats, as QEMU's
+qemu-binfmt-conf.sh does),
 for hosts that want systemd-binfmt to own early boot (qusd then adopts the
 entries it finds at start). A binfmt.d line is exactly what is written to
 binfmt_misc's `register`, so export writes Rule.encode() and import reads
@@ -172,17 +174,52 @@ def read_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Found]:
     return found
 
 
-def binfmt_d_text(rule: Rule, note: str = "") -> str:
+def binfmt_d_text(rule: Rule, note: str = "", by: str = "qusctl export") -> str:
     """A binfmt.d file holding one rule: the line binfmt_misc's register takes."""
-    head = "# Written by qusctl export" + (f"; {note}" if note else "") + "\n"
+    head = f"# Written by {by}" + (f"; {note}" if note else "") + "\n"
     return head + os.fsdecode(rule.encode()) + "\n"
 
 
-def write_binfmt_d(directory: Path, rule: Rule, note: str = "") -> Path:
+def write_binfmt_d(directory: Path, rule: Rule, note: str = "", by: str = "qusctl export") -> Path:
     """DIR/NAME.conf, written atomically (temp file, rename)."""
+    return _write(directory, f"{rule.name}.conf", binfmt_d_text(rule, note, by))
+
+
+def binfmts_import_text(rule: Rule) -> str:
+    """An update-binfmts import file for one rule, as QEMU's
+    qemu-binfmt-conf.sh --debian writes them (the package is the entry's
+    name); magic and mask in \\xHH escapes, which the kernel decodes."""
+    rule.encode()  # refuse what the kernel would refuse
+    flags = rule.normalized().flags
+    if "O" in flags and "C" not in flags:
+        raise InvalidRuleError(
+            "update-binfmts cannot express flag O without C (its `credentials` sets both)",
+            field="flags",
+        )
+    lines = [f"package {rule.name}", f"interpreter {rule.interpreter}"]
+    if rule.extension is not None:
+        lines.append(f"extension {rule.extension}")
+    else:
+        lines.append("magic " + "".join(f"\\x{b:02x}" for b in rule.magic))
+        if rule.mask is not None:
+            lines.append("mask " + "".join(f"\\x{b:02x}" for b in rule.mask))
+        if rule.offset:
+            lines.append(f"offset {rule.offset}")
+    for key, flag in (("credentials", "C"), ("preserve", "P"), ("fix_binary", "F")):
+        lines.append(f"{key} {'yes' if flag in flags else 'no'}")
+    return "\n".join(lines) + "\n"
+
+
+def write_binfmts_import(directory: Path, rule: Rule) -> Path:
+    """DIR/NAME in update-binfmts' import format, written atomically."""
+    return _write(directory, rule.name, binfmts_import_text(rule))
+
+
+def _write(directory: Path, name: str, text: str) -> Path:
+    """directory/name, written atomically (temp file, rename)."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{rule.name}.conf"
-    tmp = directory / f".{rule.name}.conf.tmp"
-    tmp.write_text(binfmt_d_text(rule, note), errors="surrogateescape")
+    path = directory / name
+    tmp = directory / f".{name}.tmp"
+    tmp.write_text(text, errors="surrogateescape")
     os.replace(tmp, path)
     return path

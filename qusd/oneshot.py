@@ -24,11 +24,21 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from qusd import __version__, catalog, doctor, interpreters, native, provision, table, verify
-from qusd.binfmt import DEFAULT_PATH, BinfmtMisc, Entry
+from qusd import (
+    __version__,
+    catalog,
+    compat,
+    doctor,
+    interpreters,
+    native,
+    provide,
+    provision,
+    table,
+    verify,
+)
+from qusd.binfmt import DEFAULT_PATH, BinfmtMisc
 from qusd.catalog import is_qemu_entry
 from qusd.errors import InterpreterError, QusdError
-from qusd.table import Action, Want
 from qusd.text import DIRECTORY, complete, reader_gone, words
 from qusd.text import table as text_table
 
@@ -43,26 +53,14 @@ def split_targets(values: Sequence[str]) -> list[str]:
     return [t for v in values for t in re.split(r"[\s,]+", v) if t]
 
 
-def _kernel(path: str) -> BinfmtMisc:
-    """binfmt_misc at path, mounted if it is not (a fresh privileged
-    container has none), and never unmounted: that would drop the entries."""
-    kernel = BinfmtMisc(path)
-    if not kernel.is_mounted():
-        kernel.mount()
-    return kernel
-
-
-def _row(e: Entry, result: str) -> dict[str, Any]:
-    return {"name": e.name, "interpreter": e.interpreter, "flags": e.flags,
-            "enabled": e.enabled, "result": result}  # fmt: skip
-
-
-_RESULTS = {Action.ADD: "registered", Action.REPLACE: "replaced", Action.UNCHANGED: "unchanged"}
+_kernel = provide.mounted
+_row = provide.row
 
 
 def register(ns: argparse.Namespace) -> list[dict[str, Any]]:
     """Register the targets, all or none, through the table transaction the
-    daemon uses."""
+    daemon uses; a target another entry already provides is reported, as
+    tonistiigi/binfmt does, not registered again."""
     cat = catalog.load(ns.catalog)
     family = catalog.family_of(catalog.host_machine())
     names = split_targets(ns.targets)
@@ -76,22 +74,14 @@ def register(ns: argparse.Namespace) -> list[dict[str, Any]]:
             )
     else:
         targets = cat.resolve(names)
-    rules = [t.rule(interpreters.require(t, dirs, INTERPRETER_FIX).path, ns.flags) for t in targets]
-    kernel = _kernel(ns.binfmt_path)
-    plan = table.plan(kernel, [Want(r, replace=ns.replace) for r in rules])
-    plan.refuse_conflicts("pass --replace to overwrite it")
-    done = table.apply(kernel, plan.of(Action.ADD, Action.REPLACE))
-    rows = []
-    for change in plan:
-        entry = done.get(change.name, change.before)
-        assert entry is not None
-        rows.append(_row(entry, _RESULTS[change.action]))
-    return rows
+    steps = provide.ensure(_kernel(ns.binfmt_path), targets, dirs, ns.flags,
+                           replace_others=ns.replace, fix="pass --replace to replace it",
+                           interpreter_fix=INTERPRETER_FIX)  # fmt: skip
+    return [_row(s.entry, s.result.value) for s in steps if s.entry is not None]
 
 
 def list_entries(ns: argparse.Namespace) -> list[dict[str, Any]]:
-    kernel = _kernel(ns.binfmt_path)
-    return [_row(e, "enabled" if e.enabled else "disabled") for e in kernel.entries()]
+    return provide.listing(_kernel(ns.binfmt_path).entries())
 
 
 def reset(ns: argparse.Namespace) -> list[dict[str, Any]]:
@@ -200,6 +190,36 @@ def _emulation_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     s.set_defaults(func=install_interpreters, show=show_installed)
 
 
+def _tonistiigi_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "tonistiigi/binfmt's options",
+        "Without a COMMAND: uninstall, then install, then print tonistiigi/binfmt's status "
+        'JSON ({"supported": [platforms], "emulators": [enabled entries]}); alone, just '
+        "the status.",
+    )
+    g.add_argument("--install", metavar="PLATFORMS",
+                   help="register these platforms or targets: arm64,riscv64 or all")  # fmt: skip
+    g.add_argument("--uninstall", metavar="NAMES",
+                   help="remove these entries: exact names, targets or platforms, or globs "
+                   "over the qemu-* entries (qemu-*)")  # fmt: skip
+    g.add_argument("--mount", dest="binfmt_path", default=argparse.SUPPRESS, metavar="PATH",
+                   help=f"where binfmt_misc is mounted (default {DEFAULT_PATH})")  # fmt: skip
+
+
+def tonistiigi(ns: argparse.Namespace) -> int:
+    """tonistiigi/binfmt's command line, on the same core (qusd.compat)."""
+    if ns.command is not None:
+        print("qusd-binfmt: --install and --uninstall take no COMMAND", file=sys.stderr)
+        return 2
+    dirs = provide.interpreter_dirs(os.environ)
+    try:
+        kernel = _kernel(ns.binfmt_path)
+    except QusdError as e:
+        print(f"qusd-binfmt: {e.message}", file=sys.stderr)
+        return e.exit_status
+    return compat.binfmt(kernel, ns.install, ns.uninstall, os.environ, dirs)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qusd-binfmt",
@@ -213,12 +233,15 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--binfmt-path", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--binfmt-path", default=DEFAULT_PATH, help=argparse.SUPPRESS)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _tonistiigi_options(p)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
     s = sub.add_parser(
         "register", parents=[common], help="register targets (default: every foreign one)",
         description="Register QEMU targets in binfmt_misc, all or none: an identical entry "
-        "is left unchanged, another definition of the same name is an error unless "
-        "--replace. Mounts binfmt_misc when it is not.",
+        "is left unchanged, an entry that already provides a target (it runs its programs "
+        "with the flags asked for, no C unless asked, and a static interpreter) is reported "
+        "and kept, another definition of the same name is an error unless --replace. Mounts "
+        "binfmt_misc when it is not.",
     )  # fmt: skip
     complete(s.add_argument(
         "targets", nargs="*", metavar="TARGET",
@@ -252,6 +275,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = parser().parse_args(argv)
+    if ns.command is None or ns.install or ns.uninstall:
+        return tonistiigi(ns)
     try:
         rows = ns.func(ns)
         show = getattr(ns, "show", None)

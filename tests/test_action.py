@@ -79,15 +79,15 @@ class Result:
         return self.stdout + self.stderr
 
     def table(self) -> list[list[str]]:
-        """The outcome table the step printed (after its header, up to the
-        blank line before verify's table)."""
+        """The outcome table the step printed (after its header, before
+        verify's table, which has a header of its own)."""
         lines = self.stdout.splitlines()
         start = next(i for i, line in enumerate(lines) if line.startswith("TARGET "))
         rows = []
         for line in lines[start + 1 :]:
-            if not line:
+            if line.startswith("TARGET "):
                 break
-            if not line.startswith("::"):
+            if line and not line.startswith("::"):
                 rows.append(line.split())
         return rows
 
@@ -361,7 +361,8 @@ def test_a_missing_interpreter_fails_with_an_annotation(
     assert result.returncode == 1, result.log
     assert result.errors() == [
         "::error title=qusd binfmt::no interpreter for riscv64: no qemu-riscv64-static or "
-        "qemu-riscv64 in /usr/bin, /usr/local/bin, /usr/libexec/qemu-binfmt; install "
+        "qemu-riscv64 in /var/lib/qusd/interpreters, /usr/bin, /usr/local/bin, "
+        "/usr/libexec/qemu-binfmt; install "
         "qemu-user-static (the Action does when no QEMU interpreter is present) or drop "
         "riscv64 from the inputs"
     ]

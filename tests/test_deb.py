@@ -29,9 +29,9 @@ from tests import test_completion
 from tests.conftest import FOREIGN_DIR, ROOT, needs_sandbox
 
 VENV = "/usr/lib/qusd"
-COMMANDS = ("qusd", "qusctl", "qusd-binfmt", "qusd-oci-hook")
+COMMANDS = ("qusd", "qusctl", "qusd-binfmt", "qusd-oci-hook", "qus-register")
 #: the commands people type, which have shell completion (the OCI hook is
-#: run by the container runtime)
+#: run by the container runtime; qus-register speaks register.sh's options)
 INTERACTIVE = ("qusd", "qusctl", "qusd-binfmt")
 CONSTRAINTS = ROOT / "packaging/constraints.txt"
 #: What builds the venv (pinned too) but is not in the package.
@@ -283,7 +283,7 @@ def test_files(root: Path) -> None:
         assert installed.stat().st_mode & 0o7777 == 0o644, installed
 
     pages = ("man8/qusd.8", "man1/qusctl.1", "man1/qusd-binfmt.1", "man1/qusd-oci-hook.1",
-             "man5/qusd.toml.5")  # fmt: skip
+             "man5/qusd.toml.5", "man1/qus-register.1")  # fmt: skip
     hook = root / "usr/share/containers/oci/hooks.d/qusd-emulate.json"
     assert hook.read_bytes() == (ROOT / "packaging/oci/qusd-emulate.json").read_bytes()
     for page in pages:
@@ -565,7 +565,7 @@ ch dpkg --purge qusd-trigger-test >/dev/null 2>&1
 echo "== purge"; ch dpkg --purge qusd 2>&1
 echo "== after"
 for p in usr/lib/qusd etc/qusd usr/bin/qusd usr/bin/qusctl usr/bin/qusd-binfmt \
-        usr/bin/qusd-oci-hook \
+        usr/bin/qusd-oci-hook usr/bin/qus-register \
         usr/share/containers/oci/hooks.d/qusd-emulate.json \
         lib/systemd/system/qusd.service \
         etc/systemd/system/multi-user.target.wants/qusd.service \

@@ -7,8 +7,10 @@ binfmt_misc it mounts is the sandbox's table (tests/containers.py)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,9 +23,9 @@ from tests.containers import Engine
 REASON = containers.unsupported_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
-#: qusd's modules after `import qusd.oneshot`, printed as JSON.
+#: qusd's modules after `import qusd.entrypoint` (the image's entrypoint), as JSON.
 IMPORTS = (
-    "import json, sys, qusd.oneshot; "
+    "import json, sys, qusd.entrypoint; "
     "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'qusd')))"
 )
 
@@ -148,3 +150,93 @@ def test_the_arm64_image_runs_under_emulation(box: Sandbox, engine: Engine) -> N
     assert (entry.interpreter, entry.flags) == ("/usr/bin/qemu-s390x-static", "F")
     res = box.run([busybox_path("s390x"), "uname", "-m"])
     assert res.stdout.strip() == "s390x", res.stderr
+
+
+# -- the other tools' command lines, through the same image -----------------------------
+
+
+def test_qus_documented_examples(box: Sandbox, engine: Engine, full: str) -> None:
+    """aptman/qus' README, with this image: `-s -- -p aarch64`, `-l`, `-h`,
+    `-- -r`, and qus' own listing `-l -- -t` (registers nothing)."""
+    box.kernel.register(Rule("DOSWin", "/usr/bin/wine", extension="exe"))
+    res = engine.container(box.pid, full, "-s", "--", "-p", "aarch64")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[1].split() == [
+        "aarch64", "qemu-aarch64", "F", "registered", "/usr/bin/qemu-aarch64-static"
+    ]  # fmt: skip
+    assert box.run([busybox_path("arm64"), "uname", "-m"]).stdout.strip() == "aarch64"
+
+    res = engine.container(box.pid, full, "-l", "--", "-t")
+    assert res.returncode == 0, res.stderr
+    lines = [line.split() for line in res.stdout.splitlines()]
+    static = "/usr/bin/qemu-aarch64-static"
+    assert lines[1:3] == [["DOSWin", "-", "enabled", "/usr/bin/wine"],
+                          ["qemu-aarch64", "F", "enabled", static]]  # fmt: skip
+    assert ["aarch64", "qemu-aarch64", "F", "provided", static] in lines
+    assert box.kernel.names() == ["DOSWin", "qemu-aarch64"]
+
+    res = engine.container(box.pid, full, "-l")
+    assert res.returncode == 0, res.stderr
+    assert [line.split()[0] for line in res.stdout.splitlines()] == [
+        "NAME", "DOSWin", "qemu-aarch64"
+    ]  # fmt: skip
+    res = engine.container(box.pid, full, "-h")
+    assert res.returncode == 0 and res.stdout.startswith("Usage: qus-register"), res.stderr
+    res = engine.container(box.pid, full, "--", "-r")
+    assert res.returncode == 0, res.stderr
+    assert box.kernel.names() == ["DOSWin"]
+
+
+def test_qus_test_suite_with_the_register_image(
+    box: Sandbox, engine: Engine, register_only: str, tmp_path: Path
+) -> None:
+    """qus' test jobs with aptman/qus:register: `-e QEMU_BIN_DIR=DIR -v
+    DIR:DIR ... -s -- -p aarch64` (F keeps the host's file open once the
+    container is gone), `-- -r`, `-s -- aarch64` and `-- aarch64` (no F:
+    the interpreters, static and Debian's dynamic qemu-user, are not in the
+    image; the kernel looks them up at each exec, outside it)."""
+    tmp_path.chmod(0o755)
+    shutil.copy(interpreter("aarch64"), tmp_path / "qemu-aarch64-static")
+    mount = ["-e", f"QEMU_BIN_DIR={tmp_path}", "-v", f"{tmp_path}:{tmp_path}"]
+    res = engine.container(box.pid, register_only, "-s", "--", "-p", "aarch64", options=mount)
+    assert res.returncode == 0, res.stderr
+    entry = box.kernel.entry("qemu-aarch64")
+    assert (entry.interpreter, entry.flags) == (f"{tmp_path}/qemu-aarch64-static", "F")
+    shutil.rmtree(tmp_path)
+    assert box.run([busybox_path("arm64"), "uname", "-m"]).stdout.strip() == "aarch64"
+
+    assert engine.container(box.pid, register_only, "--", "-r").returncode == 0
+    res = engine.container(box.pid, register_only, "-s", "--", "aarch64")  # qus' v/V job
+    assert res.returncode == 0, res.stderr
+    entry = box.kernel.entry("qemu-aarch64")
+    assert (entry.interpreter, entry.flags) == ("/usr/bin/qemu-aarch64-static", "")
+    assert box.run([busybox_path("arm64"), "uname", "-m"]).stdout.strip() == "aarch64"
+
+    assert engine.container(box.pid, register_only, "--", "-r").returncode == 0
+    res = engine.container(box.pid, register_only, "--", "aarch64")
+    assert res.returncode == 0, res.stderr
+    assert "note: 1 interpreter(s) are not here (/usr/bin/qemu-aarch64)" in res.stderr
+    entry = box.kernel.entry("qemu-aarch64")
+    assert (entry.interpreter, entry.flags) == ("/usr/bin/qemu-aarch64", "")
+    assert box.run([busybox_path("arm64"), "uname", "-m"]).stdout.strip() == "aarch64"
+
+
+def test_tonistiigi_and_multiarch_spellings(box: Sandbox, engine: Engine, full: str) -> None:
+    """`docker run --privileged tonistiigi/binfmt --install arm64,riscv64`
+    and `--uninstall`, and `docker run --rm --privileged
+    multiarch/qemu-user-static --reset -p yes`, with this image."""
+    res = engine.container(box.pid, full, "--install", "arm64,riscv64")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["emulators"] == ["qemu-aarch64", "qemu-riscv64"]
+    res = engine.container(box.pid, full, "--uninstall", "qemu-riscv64")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["emulators"] == ["qemu-aarch64"]
+
+    box.kernel.register(Rule("qemu-cris", "/usr/bin/qemu-cris", extension="cris"))
+    res = engine.container(box.pid, full, "--reset", "-p", "yes")
+    assert res.returncode == 0, res.stderr
+    foreign = catalog.builtin().foreign(catalog.family_of(catalog.host_machine()))
+    assert box.kernel.names() == sorted(t.entry_name for t in foreign)  # qemu-cris went
+    entry = box.kernel.entry("qemu-s390x")
+    assert (entry.interpreter, entry.flags) == ("/usr/bin/qemu-s390x-static", "F")
+    assert box.run([busybox_path("s390x"), "uname", "-m"]).stdout.strip() == "s390x"

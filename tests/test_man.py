@@ -12,12 +12,12 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from qusd import cli, daemon, ocihook, oneshot
+from qusd import cli, daemon, ocihook, oneshot, qus
 from qusd.config import Config
 from tests.conftest import ROOT
 
 MAN = ROOT / "docs/man"
-PAGES = ["qusd.8", "qusctl.1", "qusd-binfmt.1", "qusd-oci-hook.1", "qusd.toml.5"]
+PAGES = ["qusd.8", "qusctl.1", "qusd-binfmt.1", "qusd-oci-hook.1", "qusd.toml.5", "qus-register.1"]
 #: The page of each program, and the function that builds its parser.
 PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
     "qusd.8": daemon.parser,
@@ -69,6 +69,22 @@ def test_every_option_is_documented(page: str) -> None:
     words = text(page)
     missing = [o for o in opts if not mentions(words, o)]
     assert not missing, f"{page} does not mention {missing}"
+
+
+def test_qus_register_documents_every_spelling() -> None:
+    """qus-register reads its command line itself (register.sh's and
+    qemu-binfmt-conf.sh's spellings): each one, and each environment
+    variable it reads, is on its page."""
+    words = text("qus-register.1")
+    spellings = {*qus._LONG, *qus._CONF, *(f"-{c}" for c in "hilerst")}
+    missing = [o for o in sorted(spellings) if not mentions(words, o)]
+    assert not missing, f"qus-register.1 does not mention {missing}"
+    missing = [v for v in qus.ENVIRONMENT if not mentions(words, v)]
+    assert not missing, f"qus-register.1 does not mention {missing}"
+    assert set(qus.ENVIRONMENT) == set(re.findall(r'env\.get\("(\w+)"', SOURCE_QUS))
+
+
+SOURCE_QUS = (ROOT / "qusd/qus.py").read_text()
 
 
 def test_options_walk_subcommands() -> None:
