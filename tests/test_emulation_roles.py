@@ -28,7 +28,8 @@ def test_readers_may_verify_only_admins_install(
     accounts: Accounts,  # noqa: F811 - the fixture
     workdir: Path,  # noqa: F811
 ) -> None:
-    with running(workdir, socket_mode="666") as d:
+    store = workdir / "store"  # root's, in a 0755 directory: a store qusd may use
+    with running(workdir, socket_mode="666", interpreter_store=str(store)) as d:
         d.client.request("POST", "/v1/registrations", {"targets": ["arm64"]})
         doc = ok(d, accounts.other, "POST", "/v1/verify", {})
         assert doc["ok"] is True and [r["target"] for r in doc["results"]] == ["aarch64"]

@@ -13,7 +13,6 @@ import contextlib
 import http.client
 import json
 import os
-import select
 import signal
 import socket
 import statistics
@@ -527,14 +526,16 @@ def test_streams_end_when_the_daemon_stops(daemon: Daemon) -> None:
 
 
 def read_lines(proc: subprocess.Popen[str], n: int, timeout: float = 30) -> list[str]:
-    """n lines of proc's output, failing (not hanging) past the deadline."""
+    """n lines of proc's output, failing (not hanging) past the deadline. A
+    thread reads: select() on the pipe would miss lines already buffered."""
     assert proc.stdout is not None
+    out = proc.stdout
     lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    while len(lines) < n:
-        ready, _, _ = select.select([proc.stdout], [], [], max(0, deadline - time.monotonic()))
-        assert ready, f"only {lines} after {timeout} s"
-        lines.append(proc.stdout.readline())
+    reader = threading.Thread(target=lambda: lines.extend(out.readline() for _ in range(n)),
+                              daemon=True)  # fmt: skip
+    reader.start()
+    reader.join(timeout)
+    assert not reader.is_alive(), f"only {lines} after {timeout} s"
     return lines
 
 
@@ -550,11 +551,13 @@ def test_qusctl_watch_prints_events(daemon: Daemon) -> None:
                           text=True) as people, \
          subprocess.Popen([*qusctl, "watch", "--json", "--since", since],
                           stdout=subprocess.PIPE, text=True) as machines:  # fmt: skip
-        daemon.client.request("DELETE", "/v1/registrations/qemu-aarch64")
-        lines = read_lines(people, 2)
-        doc = json.loads(read_lines(machines, 1)[0])
-        people.send_signal(signal.SIGINT)
-        machines.send_signal(signal.SIGINT)
+        try:
+            daemon.client.request("DELETE", "/v1/registrations/qemu-aarch64")
+            lines = read_lines(people, 2)
+            doc = json.loads(read_lines(machines, 1)[0])
+        finally:  # never wait for a watcher that was not told to stop
+            people.send_signal(signal.SIGINT)
+            machines.send_signal(signal.SIGINT)
     assert " registered by uid 0: registered qemu-aarch64 " in lines[0], lines
     assert " unregistered by uid 0: unregistered qemu-aarch64" in lines[1], lines
     assert (doc["kind"], doc["names"], doc["actor"]) == ("unregistered", ["qemu-aarch64"], 0)
