@@ -23,7 +23,6 @@ from qusd.client import DEFAULT_SOCKET, Client, default_socket
 from qusd.errors import (
     DaemonUnavailableError,
     HostTypeError,
-    InterpreterError,
     NoSuchEntryError,
     QusdError,
 )
@@ -373,17 +372,9 @@ def cmd_sandbox(ns: argparse.Namespace) -> int:
     cat = catalog.load(ns.catalog)
     family = catalog.family_of(catalog.host_machine())
     dirs = ns.interpreter_dir or interpreters.DEFAULT_DIRS
-    if not ns.register:
-        targets = []
-    elif catalog.wants_all(ns.register):
-        targets = interpreters.foreign_with_interpreters(cat, family, dirs)
-        if not targets:
-            raise InterpreterError(
-                f"no QEMU interpreter (qemu-<cpu>-static or qemu-<cpu>) in {', '.join(dirs)}: "
-                f"nothing to register; {SANDBOX_FIX}"
-            )
-    else:
-        targets = cat.resolve(ns.register)
+    targets = (
+        interpreters.chosen(cat, ns.register, family, dirs, SANDBOX_FIX) if ns.register else []
+    )
     rules = []
     for t in targets:
         interp = interpreters.require(t, dirs, SANDBOX_FIX)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from qusd.binfmt import BINPRM_BUF_SIZE
-from qusd.catalog import Catalog, Target
+from qusd.catalog import Catalog, Target, wants_all
 from qusd.errors import InterpreterError
 
 DEFAULT_DIRS: tuple[str, ...] = ("/usr/bin", "/usr/local/bin", "/usr/libexec/qemu-binfmt")
@@ -125,6 +125,23 @@ def foreign_with_interpreters(
     else:
         foreign = [t for t in catalog if not native(t)]
     return [t for t in foreign if find(t, dirs)]
+
+
+def chosen(
+    catalog: Catalog, names: Sequence[str], host_family: str, dirs: Sequence[str], fix: str
+) -> list[Target]:
+    """The targets names ask for: none or "all", every foreign target that
+    has an interpreter (InterpreterError, naming where and fix, when none
+    has); else the named ones."""
+    if not wants_all(names):
+        return catalog.resolve(names)
+    targets = foreign_with_interpreters(catalog, host_family, dirs)
+    if not targets:
+        raise InterpreterError(
+            f"no QEMU interpreter (qemu-<cpu>-static or qemu-<cpu>) in {', '.join(dirs)}: "
+            f"nothing to register; {fix}"
+        )
+    return targets
 
 
 def require(target: Target, dirs: Sequence[str], fix: str) -> Interpreter:

@@ -38,7 +38,7 @@ from qusd import (
 )
 from qusd.binfmt import DEFAULT_PATH, BinfmtMisc
 from qusd.catalog import is_qemu_entry
-from qusd.errors import InterpreterError, QusdError
+from qusd.errors import QusdError
 from qusd.text import DIRECTORY, complete, reader_gone, words
 from qusd.text import table as text_table
 
@@ -65,15 +65,7 @@ def register(ns: argparse.Namespace) -> list[dict[str, Any]]:
     family = catalog.family_of(catalog.host_machine())
     names = split_targets(ns.targets)
     dirs = ns.interpreter_dir or interpreters.search_path()
-    if catalog.wants_all(names):
-        targets = interpreters.foreign_with_interpreters(cat, family, dirs)
-        if not targets:
-            raise InterpreterError(
-                f"no QEMU interpreter (qemu-<cpu>-static or qemu-<cpu>) in {', '.join(dirs)}: "
-                f"nothing to register; {INTERPRETER_FIX}"
-            )
-    else:
-        targets = cat.resolve(names)
+    targets = interpreters.chosen(cat, names, family, dirs, INTERPRETER_FIX)
     steps = provide.ensure(_kernel(ns.binfmt_path), targets, dirs, ns.flags,
                            replace_others=ns.replace, fix="pass --replace to replace it",
                            interpreter_fix=INTERPRETER_FIX)  # fmt: skip
