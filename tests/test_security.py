@@ -358,7 +358,10 @@ def test_root_and_admins_keep_room(accounts: Accounts, workdir: Path) -> None:
     with running(workdir, **limits) as d:
         hogs = [run_flood(who, "hold", d.socket, 30, 8) for who in (accounts.user, accounts.user2)]
         try:
-            time.sleep(3)
+            # Each user refused once holds its whole share: 40 of 48, 8 kept.
+            wait_until("both users held to their share", lambda: all(
+                f"uid {who.uid} (pid" in d.log.read_text() for who in (accounts.user, accounts.user2)
+            ), timeout=20)  # fmt: skip
             third = run_flood(accounts.other, "hold", d.socket, 1, 1)
             assert flood_result(third) == {"served": 0}
             for who in (accounts.admin, None):
