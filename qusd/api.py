@@ -10,7 +10,9 @@ table run with the table lock held, one at a time.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -69,8 +71,8 @@ from qusd.models import (
     printable,
 )
 from qusd.policy import RateLimiter, Role
-from qusd.repair import Reconciler
-from qusd.service import Overrides, RegisterResult, Registration, Service
+from qusd.repair import Reconciler, in_thread
+from qusd.service import Overrides, RegisterResult, Registration, Service, Snapshot
 
 MAX_BODY = 64 * 1024
 
@@ -88,9 +90,37 @@ VERIFYING: web.AppKey[asyncio.Semaphore] = web.AppKey("verifying", asyncio.Semap
 
 
 async def locked(request: web.Request, fn: Callable[P, T], *args: P.args, **kw: P.kwargs) -> T:
-    """Call the service with the table lock held."""
+    """Call the service with the table lock held, in a worker thread: the
+    event loop goes on serving reads meanwhile (qusd.repair.in_thread)."""
     async with request.app[LOCK]:
-        return fn(*args, **kw)
+        return await in_thread(request.app[SERVICE], fn, *args, **kw)
+
+
+class Listing:
+    """The body of GET /v1/registrations, made again only when the table
+    as qusd sees it changed (Service.snapshot), and then only for the
+    entries that changed."""
+
+    def __init__(self) -> None:
+        self._of: tuple[Registration, ...] | None = None
+        self._body = b"[]"
+        self._parts: dict[Registration, bytes] = {}
+
+    def body(self, snap: Snapshot) -> bytes:
+        if snap.registrations is not self._of:
+            known, parts = self._parts, {}
+            for reg in snap.registrations:
+                part = known.get(reg)
+                if part is None:
+                    part = RegistrationOut.of(reg).model_dump_json().encode()
+                parts[reg] = part
+            self._body = b"[" + b",".join(parts[r] for r in snap.registrations) + b"]"
+            self._parts, self._of = parts, snap.registrations
+        return self._body
+
+
+#: the registrations' listing, kept
+LISTING: web.AppKey[Listing] = web.AppKey("listing", Listing)
 
 
 async def read_body(request: web.Request, model: type[BaseModel]) -> Any:
@@ -153,8 +183,11 @@ def created(result: RegisterResult) -> web.Response:
 # -- handlers: (request, validated body or None) -> response ---------------------
 
 
+HEALTH = Health().model_dump_json().encode()
+
+
 async def health(request: web.Request, _: None) -> web.Response:
-    return reply(Health())
+    return web.Response(body=HEALTH, content_type="application/json", charset="utf-8")
 
 
 async def status(request: web.Request, _: None) -> web.Response:
@@ -168,7 +201,8 @@ async def targets(request: web.Request, _: None) -> web.Response:
 
 
 async def list_registrations(request: web.Request, _: None) -> web.Response:
-    return reply([RegistrationOut.of(r) for r in request.app[SERVICE].registrations()])
+    body = request.app[LISTING].body(request.app[SERVICE].snapshot(settled=True))
+    return web.Response(body=body, content_type="application/json", charset="utf-8")
 
 
 async def get_registration(request: web.Request, _: None) -> web.Response:
@@ -321,11 +355,11 @@ async def install_interpreters(request: web.Request, req: InstallRequest) -> web
 
 async def metrics(request: web.Request, _: None) -> web.Response:
     svc = request.app[SERVICE]
-
-    def registrations() -> list[Registration] | None:
-        return svc.registrations() if svc.kernel.is_mounted() else None
-
-    text = request.app[METRICS].render(await locked(request, registrations))
+    if "prometheus_client" not in sys.modules:  # the first scrape: loaded off the loop
+        await asyncio.to_thread(importlib.import_module, "prometheus_client")
+    mounted = svc.kernel.is_mounted()
+    regs = svc.snapshot(settled=True).registrations if mounted else None
+    text = request.app[METRICS].render(regs)
     return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -486,6 +520,7 @@ def make_app(
     app.on_cleanup.append(lambda app: _unsubscribe(app[METRICS]))
     app[RECONCILER] = Reconciler(service, app[LOCK], config.reconcile_interval)
     app[STREAMS] = set[stream.Listener]()
+    app[LISTING] = Listing()
     feed.ring(service.events)  # from now on (the daemon attached it before the restore)
     app.on_shutdown.append(_end_streams)
     app[VERIFYING] = asyncio.Semaphore(1)

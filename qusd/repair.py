@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import ParamSpec, TypeVar
 
 from qusd import systemd_glue
 from qusd.binfmt import BinfmtMisc
@@ -28,6 +29,37 @@ log = logging.getLogger("qusd")
 #: triggers whose reconcile is always told on the event stream (the others
 #: only when they changed something)
 ASKED = frozenset({"request", "SIGHUP"})
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+async def in_thread(svc: Service, fn: Callable[P, T], *args: P.args, **kw: P.kwargs) -> T:
+    """Run a service call (the caller holds the table lock) in a worker
+    thread, so the event loop serves meanwhile: the kernel writes, the
+    state's fsync and a reconcile of a thousand entries wait on the disk or
+    the CPU, not on the loop. Readers keep to the table as it was until the
+    call is done (svc.busy). A cancelled caller still waits for the call to
+    end, so the lock is held until it does."""
+    loop = asyncio.get_running_loop()
+    svc.events.bind(loop)
+    svc.busy += 1
+    call = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kw))
+    cancelled = False
+    try:
+        while True:
+            try:
+                result = await asyncio.shield(call)
+                break
+            except asyncio.CancelledError:
+                if call.done():
+                    raise
+                cancelled = True  # the change goes on in its thread: wait for it
+    finally:
+        svc.busy -= 1
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
 
 
 class Reconciler:
@@ -63,6 +95,7 @@ class Reconciler:
                 self.watch = None
             else:
                 self.watch.subscribe(self._changed)
+                self.svc.kernel.watch = self.watch  # its events tell when the table changed
         self._task = asyncio.create_task(self._loop())
         if self.automatic:
             self.poke("start")
@@ -103,7 +136,7 @@ class Reconciler:
         triggers = sorted(set(why))
         async with self.lock:
             try:
-                report = self.svc.reconcile()
+                report = await in_thread(self.svc, self.svc.reconcile)
             except QusdError as e:
                 log.error("reconcile: %s", e.message)
                 report = RestoreReport()
