@@ -5,7 +5,8 @@ table does to everyone else: two daemons, measured alternately.
   after the table changed (each GET follows a register or an unregister of
   another entry);
 - stall: a health probe every 5 ms while another client lists in a loop,
-  a third registers and unregisters, and the reconcile runs every second.
+  a third registers and unregisters (each in a process of its own), and
+  the reconcile runs every second.
 
 Target: listing linear in entries, and the probe no slower with 1000.
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import threading
+import multiprocessing
 import time
 
 from bench import harness
@@ -45,25 +46,29 @@ def listing(server: harness.Server, count: int = 30) -> dict[str, float]:
     return {"steady": harness.median(steady) * 1000, "changed": harness.median(changed) * 1000}
 
 
+def _list_forever(path: str) -> None:
+    while True:
+        harness.request(path, "GET", "/v1/registrations")
+
+
+def _change_forever(path: str) -> None:
+    while True:
+        harness.request(path, "POST", "/v1/registrations", REGISTER)
+        harness.request(path, "DELETE", "/v1/registrations/qemu-aarch64")
+        time.sleep(0.05)
+
+
 def stall(server: harness.Server, seconds: float = 4.0) -> dict[str, float]:
-    """Health probe latencies while others list and change the table."""
-    stop = threading.Event()
-
-    def lister() -> None:
-        while not stop.is_set():
-            harness.request(server.socket, "GET", "/v1/registrations")
-
-    def changer() -> None:
-        while not stop.is_set():
-            harness.request(server.socket, "POST", "/v1/registrations", REGISTER)
-            harness.request(server.socket, "DELETE", "/v1/registrations/qemu-aarch64")
-            time.sleep(0.05)
-
-    others = [threading.Thread(target=lister), threading.Thread(target=changer)]
-    for t in others:
-        t.start()
+    """Health probe latencies while others list and change the table (in
+    processes of their own: the probe never waits for the client's GIL)."""
+    fork = multiprocessing.get_context("fork")
+    others = [fork.Process(target=fn, args=(server.socket,), daemon=True)
+              for fn in (_list_forever, _change_forever)]  # fmt: skip
+    for p in others:
+        p.start()
     probes: list[float] = []
     try:
+        time.sleep(0.2)
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             start = time.perf_counter()
@@ -72,9 +77,9 @@ def stall(server: harness.Server, seconds: float = 4.0) -> dict[str, float]:
             assert status == 200
             time.sleep(0.005)
     finally:
-        stop.set()
-        for t in others:
-            t.join()
+        for p in others:
+            p.kill()
+            p.join()
     harness.request(server.socket, "DELETE", "/v1/registrations/qemu-aarch64")
     probes.sort()
     return {

@@ -93,17 +93,19 @@ class Listing:
     def __init__(self) -> None:
         self._of: tuple[Registration, ...] | None = None
         self._body = b"[]"
-        self._parts: dict[Registration, bytes] = {}
+        #: each registration's JSON, by its identity (Service.snapshot keeps
+        #: the same object for an entry that did not change)
+        self._parts: dict[int, tuple[Registration, bytes]] = {}
 
     def body(self, snap: Snapshot) -> bytes:
         if snap.registrations is not self._of:
-            known, parts = self._parts, {}
+            known, parts, body = self._parts, {}, []
             for reg in snap.registrations:
-                part = known.get(reg)
-                if part is None:
-                    part = views.registration(reg)
-                parts[reg] = part
-            self._body = b"[" + b",".join(parts[r] for r in snap.registrations) + b"]"
+                hit = known.get(id(reg))
+                part = hit[1] if hit is not None and hit[0] is reg else views.registration(reg)
+                parts[id(reg)] = (reg, part)
+                body.append(part)
+            self._body = b"[" + b",".join(body) + b"]"
             self._parts, self._of = parts, snap.registrations
         return self._body
 

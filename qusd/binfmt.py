@@ -371,9 +371,14 @@ class BinfmtMisc:
         """Every entry, qemu or not, by name; one removed while listing is
         skipped. The files are read through one descriptor of the directory,
         and only those whose bytes changed since the last call are parsed."""
+        return self._parse(sorted(self.snapshot()))
+
+    def _parse(self, files: list[tuple[str, bytes]]) -> list[Entry]:
+        """Entries from (name, bytes) of their files; the same Entry as last
+        time for a file whose bytes did not change."""
         parsed, fresh = self._parsed, {}
         found = []
-        for key in sorted(self.snapshot()):
+        for key in files:
             entry = parsed.get(key)
             if entry is None:
                 entry = Entry.parse(key[0], key[1].decode("utf-8", "surrogateescape"))

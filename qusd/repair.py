@@ -73,6 +73,12 @@ class Reconciler:
         self._task: asyncio.Task[None] | None = None
         #: reconciles run since start, by trigger (for status and tests)
         self.runs: dict[str, int] = {}
+        #: the table's version (Service.version) after the last reconcile
+        #: that left nothing to retry: an interval tick finds nothing to do
+        #: while it holds
+        self._settled: object = None
+        #: interval ticks that found the table as the last reconcile left it
+        self.skipped = 0
 
     @property
     def automatic(self) -> bool:
@@ -114,6 +120,19 @@ class Reconciler:
         self._why.add(why)
         self._wake.set()
 
+    def _unchanged(self) -> bool:
+        """Whether nothing moved since a reconcile that left nothing to
+        retry: no event in the table or in an interpreter's directory, no
+        write, no save (Service.version, every queued event read first),
+        and binfmt_misc still mounted there. Then a tick has nothing to do:
+        reading a thousand entries every few seconds only to find them as
+        they were is what this spares (what moves, the watcher reports, and
+        the reconcile it asks for always runs)."""
+        if self._settled is None:
+            return False
+        version = self.svc.version()
+        return version is not None and version == self._settled and self.svc.kernel.is_mounted()
+
     def _changed(self, notice: Notice) -> None:
         self.poke("unmount" if notice.unmounted else "watch")
 
@@ -135,6 +154,10 @@ class Reconciler:
         """One reconcile now (waiting for the table lock)."""
         triggers = sorted(set(why))
         async with self.lock:
+            if triggers == ["interval"] and self._unchanged():
+                self.skipped += 1
+                return RestoreReport()
+            self._settled = None
             try:
                 report = await in_thread(self.svc, self.svc.reconcile)
             except QusdError as e:
@@ -142,6 +165,8 @@ class Reconciler:
                 report = RestoreReport()
             if self.watch is not None:
                 self.watch.arm()  # a new mount needs a new watch
+            if not report.failed:
+                self._settled = self.svc.version()
         for t in triggers:
             self.runs[t] = self.runs.get(t, 0) + 1
         changed = report.changed()

@@ -18,6 +18,7 @@ managed reset or a refused request.
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import threading
 from collections.abc import Hashable, Iterable, Sequence
@@ -167,6 +168,9 @@ class Service:
         self._native: dict[str, Verdict] | None = None
         self._native_lock = threading.Lock()
         self._snapshot: Snapshot | None = None
+        #: each entry's registration, by the entry's identity (the kernel
+        #: layer hands the same Entry while its file's bytes stay the same)
+        self._views: dict[int, tuple[Entry, Record | None, Registration]] = {}
         #: the directories of the interpreter files F records hold, by state
         #: generation (an upgrade there makes an entry's interpreter stale)
         self._stamp_dirs: tuple[int, frozenset[str]] | None = None
@@ -491,7 +495,21 @@ class Service:
         version = self.version()
         if version is not None and last is not None and last.version == version:
             return last
-        regs = tuple(self._view(e) for e in self.kernel.entries())
+        records, known, views = self.state.records, self._views, {}
+        found = []
+        for entry in self.kernel.entries():
+            rec = records.get(entry.name)
+            hit = known.get(id(entry))
+            if hit is not None and hit[0] is entry and hit[1] is rec:
+                reg = hit[2]  # the same entry and record: only the file may have moved
+                if reg.managed and rec is not None and self._stale(rec) != reg.interpreter_stale:
+                    reg = replace(reg, interpreter_stale=not reg.interpreter_stale)
+            else:
+                reg = self._view(entry)
+            views[id(entry)] = (entry, rec, reg)
+            found.append(reg)
+        self._views = views
+        regs = tuple(found)
         if last is not None and last.registrations == regs:
             snap = last if last.version == version else Snapshot(version, last.registrations)
         else:
@@ -724,8 +742,9 @@ class Service:
 
     def _remove(self, entries: Iterable[Entry], forget: Iterable[str]) -> None:
         """Remove entries from the kernel and names from the state, all or none."""
-        gone = set(forget)
-        records = {n: r for n, r in self.state.records.items() if n not in gone}
+        records = dict(self.state.records)
+        for name in set(forget):
+            records.pop(name, None)
         with Transaction(self.kernel) as tx:
             for e in entries:
                 tx.remove(e)
@@ -735,8 +754,9 @@ class Service:
         """Persist records, unless they are what the state holds already
         (told without comparing every record: most are the same objects)."""
         held = self.state.records
-        if len(records) != len(held) or any(
-            (old := held.get(name)) is not rec and old != rec for name, rec in records.items()
+        if len(records) != len(held) or (
+            not all(map(operator.is_, records.values(), held.values()))
+            and any(held.get(name) != rec for name, rec in records.items())
         ):
             self.state.save(records)
 

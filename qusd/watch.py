@@ -182,6 +182,55 @@ class ObservedKernel(BinfmtMisc):
         self.own = own
         #: the watcher reading this mount's events (set once it watches)
         self.watch: TableWatch | None = None
+        #: each entry file's bytes as last read in the loop's thread, and
+        #: their names in order (kept current from the watcher's events)
+        self._files: dict[str, bytes] | None = None
+        self._order: list[str] | None = None
+
+    def entries(self) -> list[Entry]:
+        """As BinfmtMisc.entries(), but in the event loop's thread, while the
+        watch is on, only the files events named since the last call are
+        read again (and the directory, when an entry was registered): after
+        a change among a thousand entries, one file is read, not a thousand.
+        Elsewhere, or when anything may have changed, every file is read."""
+        watch = self.watch
+        if watch is None or not watch.current():
+            return super().entries()
+        touched = watch.take_touched()
+        files = self._files
+        if touched is None or files is None:
+            files = dict(self.snapshot())
+            self._order = None
+        elif touched:
+            before = len(files)
+            if "register" in touched:  # a new entry: which one, the directory says
+                names = set(os.listdir(self.path)) - {"register", "status"}
+                for gone in set(files) - names:
+                    del files[gone]
+                touched = touched | (names - set(files))
+            for name in touched - {"register", "status"}:
+                data = self._read(name)
+                if data is None:
+                    files.pop(name, None)
+                else:
+                    files[name] = data
+            if len(files) != before or "register" in touched:
+                self._order = None
+        self._files = files
+        if self._order is None:
+            self._order = sorted(files)
+        return self._parse([(name, files[name]) for name in self._order])
+
+    def _read(self, name: str) -> bytes | None:
+        """An entry file's bytes, or None when there is no such entry."""
+        try:
+            fd = os.open(self.path / name, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            return os.read(fd, 16384)
+        finally:
+            os.close(fd)
 
     def version(self) -> tuple[int, int] | None:
         """qusd's writes and the events read, once every queued event is read;
@@ -289,6 +338,9 @@ class TableWatch:
         self._watched: frozenset[str] | None = None
         self._dir_wds: dict[int, str] = {}
         self.file_changes = 0
+        #: the files of the table events named since the last take_touched()
+        #: ("register": a new entry; None: anything, e.g. the queue overflowed)
+        self.touched: set[str] | None = None
 
     # -- subscribers ------------------------------------------------------------
 
@@ -326,6 +378,12 @@ class TableWatch:
             self._readable()
         return self._wd is not None
 
+    def take_touched(self) -> set[str] | None:
+        """The files events named since the last call (None: anything may
+        have changed, as at the first call); call current() first."""
+        touched, self.touched = self.touched, set()
+        return touched
+
     def watch_directories(self, directories: frozenset[str]) -> bool:
         """Watch exactly these directories for files created, removed or
         renamed in them (file_changes counts the events); False when one
@@ -359,6 +417,7 @@ class TableWatch:
             return self._wd is not None
         if not BinfmtMisc(self.path).is_mounted():
             return False
+        self.touched = None  # unwatched until now: anything may have changed
         try:
             self._wd = self._inotify.add(self.path)
         except OSError as e:
@@ -379,6 +438,7 @@ class TableWatch:
             self._inotify = None
         self._wd = None
         self._poll = None
+        self.touched = None
         self._dirs.clear()
         self._dir_wds.clear()
 
@@ -403,6 +463,7 @@ class TableWatch:
         burst = self._open_burst()
         if mask & IN_Q_OVERFLOW:
             self.file_changes += 1
+            self.touched = None
             burst.overflow = burst.foreign = True
             self.own.clear()  # the explanations are lost with the events
             return
@@ -412,8 +473,11 @@ class TableWatch:
             if mask & IN_IGNORED or mask & IN_UNMOUNT:
                 self._wd = None
                 self.own.clear()
+            self.touched = None
             burst.unmounted = burst.foreign = True
             return
+        if self.touched is not None:
+            self.touched.add(name)
         for touch in touches(mask, name):
             burst.names.add(touch[0])
             if self.own.explains(touch):
