@@ -6,7 +6,7 @@ CACHE  := .cache
 FOREIGN := $(CACHE)/foreign
 export QUSD_FOREIGN_DIR := $(abspath $(FOREIGN))
 
-.PHONY: all setup test test-unit test-vm lint run clean deb
+.PHONY: all setup test test-unit test-vm lint run clean deb bench
 
 all: test
 
@@ -68,6 +68,13 @@ test-vm: setup $(DEB)
 # The daemon in a sandbox with its own binfmt_misc; socket and state in ./run.
 run: setup
 	@sh tools/run.sh
+
+# The benchmarks (bench/, figures in bench/RESULTS.md): each measures qusd
+# against its baseline, alternately, in one run; minutes, not part of `make
+# test`. Sandboxes only: the host's binfmt_misc table is never touched.
+BENCHES := listing health memory growth register large_table startup restore
+bench: setup
+	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python -m bench.$$b || exit 1; done
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check qusd tests bench

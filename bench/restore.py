@@ -1,94 +1,111 @@
-"""How fast does `qusd restore` put the registrations back at boot?
+"""The boot restore: `qusd restore` putting the 31 foreign targets back
+into a fresh table, against the real /usr/lib/systemd/systemd-binfmt
+registering the same rules (a binfmt.d file), and against `python -c pass`
+(the floor of any Python tool). Inside one sandbox (a private
+binfmt_misc: nothing on the host changes); every run starts from an empty
+table and is checked to leave every entry there. Target: <= 2.0x
+systemd-binfmt.
 
-Restores every foreign target qusd finds an interpreter for, inside a
-sandbox (a private binfmt_misc: nothing on the host changes), against the
-baseline every peer uses: a shell loop writing the same rules to `register`
-(what QEMU's qemu-binfmt-conf.sh and qus do), and against a bare Python
-start (the floor for any Python tool). Each run starts from an empty table
-and checks that every entry is there afterwards. Prints medians and ratios:
-
-    .venv/bin/python bench/restore.py [--runs 15]
+    python -m bench.restore [--rounds 21] [--importtime]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from qusd import catalog, interpreters, sandbox
+from bench import harness
+from qusd import sandbox
 from qusd.binfmt import BinfmtMisc
-from qusd.state import Record, State
 
-QUSD = str(Path(sys.executable).parent / "qusd")
+SYSTEMD_BINFMT = "/usr/lib/systemd/systemd-binfmt"
 
 
-def measure(runs: int) -> None:
-    """Inside the sandbox: time each command from an empty table."""
-    cat = catalog.builtin()
-    family = catalog.family_of(catalog.host_machine())
-    rules = [t.rule(f.path, "F") for t in cat.foreign(family) if (f := interpreters.find(t))]
+def measure(rounds: int, importtime: bool) -> None:
+    """Inside the sandbox: each command from an empty table, alternately."""
+    rules = harness.foreign_rules()
     kernel = BinfmtMisc()
-    with tempfile.TemporaryDirectory() as tmp:
-        state_dir = Path(tmp) / "state"
-        State(state_dir).save({r.name: Record(r, persistent=True) for r in rules})
-        (Path(tmp) / "empty.toml").write_text("")
-        script = Path(tmp) / "register.sh"
-        script.write_bytes(
-            b"".join(
-                b"printf '%s\\n' '" + r.encode().replace(b"\\", b"\\\\") + b"'"
-                b" > /proc/sys/fs/binfmt_misc/register\n"
-                for r in rules
+    with harness.workspace() as tmp:
+        harness.write_state(tmp / "state", rules)
+        (tmp / "qusd.toml").write_text('[qusd]\ninterpreter_store = ""\n')
+        conf = tmp / "qemu.conf"  # binfmt.d(5): one register line a line
+        conf.write_text("".join(r.encode().decode() + "\n" for r in rules))
+        restore = [
+            harness.QUSD,
+            "restore",
+            "--state-dir",
+            str(tmp / "state"),
+            "--config",
+            str(tmp / "qusd.toml"),
+        ]
+        if importtime:
+            kernel.remove_all()
+            out = subprocess.run(
+                [sys.executable, "-X", "importtime", *restore],
+                capture_output=True,
+                text=True,
+                check=True,
             )
-        )
+            print("\n".join(line for line in out.stderr.splitlines() if "import time" in line))
+            kernel.remove_all()
+            return
         commands = {
+            "qusd restore": (restore, len(rules)),
+            "systemd-binfmt": ([SYSTEMD_BINFMT, str(conf)], len(rules)),
             "python -c pass": ([sys.executable, "-c", "pass"], 0),
-            "shell loop": (["sh", str(script)], len(rules)),
-            "qusd restore": (
-                [
-                    QUSD,
-                    "restore",
-                    "--state-dir",
-                    str(state_dir),
-                    "--config",
-                    str(Path(tmp) / "empty.toml"),
-                ],
-                len(rules),
-            ),
         }
-        times: dict[str, list[float]] = {name: [] for name in commands}
-        for _ in range(runs):
-            for name, (argv, expect) in commands.items():
-                kernel.remove_all()
-                start = time.perf_counter()
-                subprocess.run(
-                    argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-                )
-                times[name].append(time.perf_counter() - start)
-                assert len(kernel.names()) == expect, (name, kernel.names())
+
+        def timed(argv: list[str], expect: int) -> dict[str, float]:
+            kernel.remove_all()
+            start = time.perf_counter()
+            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            took = time.perf_counter() - start
+            assert len(kernel.names()) == expect, (argv, kernel.names())
+            return {"ms": took * 1000}
+
+        figures = harness.alternate(
+            rounds,
+            {name: functools.partial(timed, argv, n) for name, (argv, n) in commands.items()},
+        )
         kernel.remove_all()
-    med = {name: statistics.median(ts) * 1000 for name, ts in times.items()}
-    print(f"{len(rules)} registrations, {runs} runs each, median wall time from an empty table:")
-    for name, ms in med.items():
-        print(f"  {name:15s} {ms:7.1f} ms")
-    print(f"qusd restore / shell loop:     {med['qusd restore'] / med['shell loop']:.1f}x")
-    print(f"qusd restore / python -c pass: {med['qusd restore'] / med['python -c pass']:.1f}x")
+    med = {name: harness.median(f["ms"]) for name, f in figures.items()}
+    print(f"{harness.machine()}")
+    print(
+        f"{len(rules)} registrations from an empty table, {rounds} alternate rounds, "
+        "median [min-max] ms:"
+    )
+    for name, f in figures.items():
+        print(f"  {name:16s} {harness.span(f['ms'])}")
+    print(f"qusd restore / systemd-binfmt: {med['qusd restore'] / med['systemd-binfmt']:.1f}x")
+    print(f"qusd restore / python -c pass: {med['qusd restore'] / med['python -c pass']:.2f}x")
+    floor = med["python -c pass"] + med["systemd-binfmt"]
+    print(
+        f"floor for a Python tool (python -c pass + systemd-binfmt's work): {floor:.1f} ms = "
+        f"{floor / med['systemd-binfmt']:.1f}x systemd-binfmt"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument(
+        "--importtime",
+        action="store_true",
+        help="print `python -X importtime` of one restore instead",
+    )
     ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     ns = ap.parse_args()
     if ns.inside:
-        measure(ns.runs)
+        measure(ns.rounds, ns.importtime)
         return
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--inside", "--runs", str(ns.runs)]
-    subprocess.run(sandbox.command(cmd), check=True)
+    cmd = [sys.executable, "-m", "bench.restore", "--inside", "--rounds", str(ns.rounds)]
+    if ns.importtime:
+        cmd.append("--importtime")
+    subprocess.run(sandbox.command(cmd), check=True, cwd=Path(__file__).resolve().parent.parent)
 
 
 if __name__ == "__main__":

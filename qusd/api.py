@@ -10,17 +10,19 @@ table run with the table lock held, one at a time.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from urllib.parse import quote
 
 from aiohttp import web
-from pydantic import BaseModel
 
-from qusd import feed, stream
+from qusd import feed, stream, views
+from qusd.binfmt import printable
 from qusd.config import Config
 from qusd.errors import (
     ClientGoneError,
@@ -45,32 +47,21 @@ from qusd.middleware import (
     limits,
     peer,
 )
-from qusd.models import (
-    EnableRequest,
-    EventOut,
-    FixedOut,
-    Health,
-    ImportRequest,
-    InstallRequest,
-    InstallResponse,
-    InterpretersOut,
-    ProvisionedOut,
-    ReconcileResponse,
-    RegisterRequest,
-    RegisterResponse,
-    RegistrationOut,
-    ResetRequest,
-    ResetResponse,
-    Status,
-    TargetOut,
-    VerifyRequest,
-    VerifyResponse,
-    VerifyResult,
-    printable,
-)
 from qusd.policy import RateLimiter, Role
-from qusd.repair import Reconciler
-from qusd.service import Overrides, RegisterResult, Registration, Service
+from qusd.repair import Reconciler, in_thread
+from qusd.service import Overrides, RegisterResult, Registration, Service, Snapshot
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from qusd.models import (
+        EnableRequest,
+        ImportRequest,
+        InstallRequest,
+        RegisterRequest,
+        ResetRequest,
+        VerifyRequest,
+    )
 
 MAX_BODY = 64 * 1024
 
@@ -88,9 +79,39 @@ VERIFYING: web.AppKey[asyncio.Semaphore] = web.AppKey("verifying", asyncio.Semap
 
 
 async def locked(request: web.Request, fn: Callable[P, T], *args: P.args, **kw: P.kwargs) -> T:
-    """Call the service with the table lock held."""
+    """Call the service with the table lock held, in a worker thread: the
+    event loop goes on serving reads meanwhile (qusd.repair.in_thread)."""
     async with request.app[LOCK]:
-        return fn(*args, **kw)
+        return await in_thread(request.app[SERVICE], fn, *args, **kw)
+
+
+class Listing:
+    """The body of GET /v1/registrations, made again only when the table
+    as qusd sees it changed (Service.snapshot), and then only for the
+    entries that changed."""
+
+    def __init__(self) -> None:
+        self._of: tuple[Registration, ...] | None = None
+        self._body = b"[]"
+        #: each registration's JSON, by its identity (Service.snapshot keeps
+        #: the same object for an entry that did not change)
+        self._parts: dict[int, tuple[Registration, bytes]] = {}
+
+    def body(self, snap: Snapshot) -> bytes:
+        if snap.registrations is not self._of:
+            known, parts, body = self._parts, {}, []
+            for reg in snap.registrations:
+                hit = known.get(id(reg))
+                part = hit[1] if hit is not None and hit[0] is reg else views.registration(reg)
+                parts[id(reg)] = (reg, part)
+                body.append(part)
+            self._body = b"[" + b",".join(body) + b"]"
+            self._parts, self._of = parts, snap.registrations
+        return self._body
+
+
+#: the registrations' listing, kept
+LISTING: web.AppKey[Listing] = web.AppKey("listing", Listing)
 
 
 async def read_body(request: web.Request, model: type[BaseModel]) -> Any:
@@ -126,6 +147,14 @@ async def read_body(request: web.Request, model: type[BaseModel]) -> Any:
     return model.model_validate(data, context={"catalog": request.app[SERVICE].catalog})
 
 
+def models() -> Any:
+    """qusd.models: pydantic and the API's models, loaded on first use (the
+    answers clients poll are written without them: qusd.views)."""
+    from qusd import models  # noqa: PLC0415
+
+    return models
+
+
 def reply(model: BaseModel | list[Any], status: int = 200) -> web.Response:
     if isinstance(model, list):
         text = "[" + ",".join(m.model_dump_json() for m in model) + "]"
@@ -139,10 +168,11 @@ def created(result: RegisterResult) -> web.Response:
     or several) the collection."""
     made = [printable(r.entry.name) for r in result.registered]
     one = f"/{quote(made[0], safe='')}" if len(made) == 1 else ""
+    m = models()
     response = reply(
-        RegisterResponse(
-            registered=[RegistrationOut.of(r) for r in result.registered],
-            unchanged=[RegistrationOut.of(r) for r in result.unchanged],
+        m.RegisterResponse(
+            registered=[m.RegistrationOut.of(r) for r in result.registered],
+            unchanged=[m.RegistrationOut.of(r) for r in result.unchanged],
         ),
         status=201,
     )
@@ -153,26 +183,31 @@ def created(result: RegisterResult) -> web.Response:
 # -- handlers: (request, validated body or None) -> response ---------------------
 
 
+def json_response(body: bytes) -> web.Response:
+    return web.Response(body=body, content_type="application/json", charset="utf-8")
+
+
 async def health(request: web.Request, _: None) -> web.Response:
-    return reply(Health())
+    return json_response(views.HEALTH)
 
 
 async def status(request: web.Request, _: None) -> web.Response:
-    return reply(Status.model_validate(request.app[SERVICE].status()))
+    return json_response(views.status(request.app[SERVICE].status()))
 
 
 async def targets(request: web.Request, _: None) -> web.Response:
     # the first call finds what the host runs natively: probes, off the loop
     infos = await asyncio.to_thread(request.app[SERVICE].targets)
-    return reply([TargetOut.of(t) for t in infos])
+    return reply([models().TargetOut.of(t) for t in infos])
 
 
 async def list_registrations(request: web.Request, _: None) -> web.Response:
-    return reply([RegistrationOut.of(r) for r in request.app[SERVICE].registrations()])
+    return json_response(request.app[LISTING].body(request.app[SERVICE].snapshot(settled=True)))
 
 
 async def get_registration(request: web.Request, _: None) -> web.Response:
-    return reply(RegistrationOut.of(request.app[SERVICE].registration(request.match_info["name"])))
+    reg = request.app[SERVICE].registration(request.match_info["name"])
+    return json_response(views.registration(reg))
 
 
 async def register(request: web.Request, req: RegisterRequest) -> web.Response:
@@ -194,7 +229,7 @@ async def register(request: web.Request, req: RegisterRequest) -> web.Response:
 async def patch_registration(request: web.Request, req: EnableRequest) -> web.Response:
     svc, name = request.app[SERVICE], request.match_info["name"]
     reg = await locked(request, svc.set_enabled, caller(request), name, req.enabled)
-    return reply(RegistrationOut.of(reg))
+    return json_response(views.registration(reg))
 
 
 async def delete_registration(request: web.Request, _: None) -> web.Response:
@@ -205,7 +240,7 @@ async def delete_registration(request: web.Request, _: None) -> web.Response:
 
 async def reset(request: web.Request, req: ResetRequest) -> web.Response:
     removed = await locked(request, request.app[SERVICE].reset, caller(request), req.scope)
-    return reply(ResetResponse(removed=[printable(n) for n in removed]))
+    return reply(models().ResetResponse(removed=[printable(n) for n in removed]))
 
 
 async def import_entries(request: web.Request, req: ImportRequest) -> web.Response:
@@ -223,7 +258,7 @@ async def reconcile(request: web.Request, _: None) -> web.Response:
         raise ForbiddenError("reconcile is admin-only (qusd reconciles by itself on changes)")
     report = await request.app[RECONCILER].once(["request"], actor=who.uid)
     return reply(
-        ReconcileResponse(
+        models().ReconcileResponse(
             restored=report.restored, adopted=report.adopted, conflicts=report.conflicts,
             failed=report.failed, dropped=report.dropped, updated=report.updated,
             repaired=report.repaired, summary=report.summary(),
@@ -295,18 +330,20 @@ async def verify(request: web.Request, req: VerifyRequest) -> web.Response:
     svc = request.app[SERVICE]
     async with request.app[VERIFYING]:
         checks = await asyncio.to_thread(svc.verify, req.targets)
-    results = [VerifyResult.of(c) for c in checks]
-    return reply(VerifyResponse(ok=all(r.ok for r in results), results=results))
+    m = models()
+    results = [m.VerifyResult.of(c) for c in checks]
+    return reply(m.VerifyResponse(ok=all(r.ok for r in results), results=results))
 
 
 async def list_interpreters(request: web.Request, _: None) -> web.Response:
     svc = request.app[SERVICE]
     provisioned, fixed = svc.interpreters()
+    m = models()
     return reply(
-        InterpretersOut(
+        m.InterpretersOut(
             store=svc.config.interpreter_store or None,
-            provisioned=[ProvisionedOut.of(i) for i in provisioned],
-            fixed=[FixedOut.of(n, f) for n, f in sorted(fixed.items())],
+            provisioned=[m.ProvisionedOut.of(i) for i in provisioned],
+            fixed=[m.FixedOut.of(n, f) for n, f in sorted(fixed.items())],
         )
     )
 
@@ -314,18 +351,20 @@ async def list_interpreters(request: web.Request, _: None) -> web.Response:
 async def install_interpreters(request: web.Request, req: InstallRequest) -> web.Response:
     svc = request.app[SERVICE]
     done = await asyncio.to_thread(svc.install_interpreters, caller(request), req.targets, req.deb)
-    response = reply(InstallResponse(installed=[ProvisionedOut.of(i) for i in done]), status=201)
+    m = models()
+    response = reply(m.InstallResponse(installed=[m.ProvisionedOut.of(i) for i in done]),
+                     status=201)  # fmt: skip
     response.headers["Location"] = "/v1/interpreters"
     return response
 
 
 async def metrics(request: web.Request, _: None) -> web.Response:
     svc = request.app[SERVICE]
-
-    def registrations() -> list[Registration] | None:
-        return svc.registrations() if svc.kernel.is_mounted() else None
-
-    text = request.app[METRICS].render(await locked(request, registrations))
+    if "prometheus_client" not in sys.modules:  # the first scrape: loaded off the loop
+        await asyncio.to_thread(importlib.import_module, "prometheus_client")
+    mounted = svc.kernel.is_mounted()
+    regs = svc.snapshot(settled=True).registrations if mounted else None
+    text = request.app[METRICS].render(regs)
     return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -376,8 +415,10 @@ class Route:
     path: str
     handler: Callable[[web.Request, Any], Awaitable[web.StreamResponse]]
     summary: str
-    request: type[BaseModel] | None = None
-    response: type[BaseModel] | None = None
+    #: the request body's model and the response's, by their names in
+    #: qusd.models (loaded when first used: see request and response)
+    request_model: str | None = None
+    response_model: str | None = None
     many: bool = False
     status: int = 200
     errors: tuple[int, ...] = ()
@@ -389,6 +430,16 @@ class Route:
     #: query parameters: (name, JSON schema type or whole schema, description)
     query: tuple[tuple[str, str | dict[str, Any], str], ...] = ()
 
+    @property
+    def request(self) -> type[BaseModel] | None:
+        """The request body's model (this loads pydantic and the models)."""
+        return getattr(models(), self.request_model) if self.request_model else None
+
+    @property
+    def response(self) -> type[BaseModel] | None:
+        """The response's model (this loads pydantic and the models)."""
+        return getattr(models(), self.response_model) if self.response_model else None
+
     def bind(self) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         """The aiohttp handler: the path's names noted for the audit, the
         body validated into the route's model, then the handler."""
@@ -396,8 +447,8 @@ class Route:
         async def handle(request: web.Request) -> web.StreamResponse:
             body = None
             try:
-                if self.request is not None:
-                    body = await read_body(request, self.request)
+                if self.request_model is not None:
+                    body = await read_body(request, getattr(models(), self.request_model))
             finally:  # a refused body is audited too, with what is known
                 if self.audit is not None:
                     request[NAMES] = list(self.audit(request, body))
@@ -411,36 +462,37 @@ _CHANGE = (400, 403, 408, 413, 415, 422, 429, 503)
 _READ = (429,)  # reads are rate limited per uid too
 
 ROUTES = (
-    Route("GET", "/v1/health", health, "Liveness", response=Health, errors=_READ),
-    Route("GET", "/v1/status", status, "Daemon, kernel and table status", response=Status,
-          errors=_READ),
-    Route("GET", "/v1/targets", targets, "The target catalog", response=TargetOut, many=True,
-          errors=_READ),
+    Route("GET", "/v1/health", health, "Liveness", response_model="Health", errors=_READ),
+    Route("GET", "/v1/status", status, "Daemon, kernel and table status",
+          response_model="Status", errors=_READ),
+    Route("GET", "/v1/targets", targets, "The target catalog", response_model="TargetOut",
+          many=True, errors=_READ),
     Route("GET", "/v1/registrations", list_registrations, "Every entry in the kernel",
-          response=RegistrationOut, many=True, errors=(*_READ, 503)),
+          response_model="RegistrationOut", many=True, errors=(*_READ, 503)),
     Route("GET", "/v1/registrations/{name}", get_registration, "One entry",
-          response=RegistrationOut, errors=(404, *_READ, 503)),
+          response_model="RegistrationOut", errors=(404, *_READ, 503)),
     Route("POST", "/v1/registrations", register, "Register targets or a custom entry",
-          request=RegisterRequest, response=RegisterResponse, status=201,
+          request_model="RegisterRequest", response_model="RegisterResponse", status=201,
           errors=(*_CHANGE, 409), audit=_register_names),
     Route("PATCH", "/v1/registrations/{name}", patch_registration, "Enable or disable an entry",
-          request=EnableRequest, response=RegistrationOut, errors=(*_CHANGE, 404),
+          request_model="EnableRequest", response_model="RegistrationOut", errors=(*_CHANGE, 404),
           audit=_path_name),
     Route("DELETE", "/v1/registrations/{name}", delete_registration,
           "Remove an entry from the kernel and the state", status=204,
           errors=(403, 404, 429, 503), audit=_path_name),
     Route("POST", "/v1/reset", reset, "Remove managed, qemu-* or all entries",
-          request=ResetRequest, response=ResetResponse, errors=_CHANGE, audit=_reset_scope),
+          request_model="ResetRequest", response_model="ResetResponse", errors=_CHANGE,
+          audit=_reset_scope),
     Route("POST", "/v1/import", import_entries,
           "Register custom rules (from binfmt.d or update-binfmts files), all or none",
-          request=ImportRequest, response=RegisterResponse, status=201,
+          request_model="ImportRequest", response_model="RegisterResponse", status=201,
           errors=(*_CHANGE, 409), audit=_import_names),
     Route("POST", "/v1/reconcile", reconcile,
           "Reconcile now: restore, repair status and mount, follow upgraded interpreters",
-          response=ReconcileResponse, errors=(403, 429), audit=_nothing),
+          response_model="ReconcileResponse", errors=(403, 429), audit=_nothing),
     Route("GET", "/v1/events", events,
           "Every change, streamed as newline-delimited JSON while connected",
-          response=EventOut, media=stream.NDJSON, errors=(422, *_READ),
+          response_model="EventOut", media=stream.NDJSON, errors=(422, *_READ),
           query=(("since", {"type": "integer", "minimum": 0, "maximum": 2**63},
                   "replay the events after this sequence number that the "
                   "daemon still holds (a 'lost' line says how many it does not)"),
@@ -450,15 +502,15 @@ ROUTES = (
                   f"(default {stream.KEEPALIVE:g})"))),
     Route("POST", "/v1/verify", verify,
           "Run each registered target's built-in program through the kernel (readers may)",
-          request=VerifyRequest, response=VerifyResponse,
+          request_model="VerifyRequest", response_model="VerifyResponse",
           errors=(400, 408, 413, 415, 422, 429, 503), audit=_targets),
     Route("GET", "/v1/interpreters", list_interpreters,
-          "Provisioned interpreters, and the files F entries hold", response=InterpretersOut,
-          errors=_READ),
+          "Provisioned interpreters, and the files F entries hold",
+          response_model="InterpretersOut", errors=_READ),
     Route("POST", "/v1/interpreters", install_interpreters,
           "Extract interpreters from a qemu-user-static package (admins)",
-          request=InstallRequest, response=InstallResponse, status=201, errors=_CHANGE,
-          audit=_targets),
+          request_model="InstallRequest", response_model="InstallResponse", status=201,
+          errors=_CHANGE, audit=_targets),
     Route("GET", "/metrics", metrics, "Prometheus metrics (text format); anyone may scrape",
           media=CONTENT_TYPE, errors=_READ),
     Route("GET", "/openapi.json", openapi, "This document (OpenAPI 3.1)", errors=_READ),
@@ -486,6 +538,7 @@ def make_app(
     app.on_cleanup.append(lambda app: _unsubscribe(app[METRICS]))
     app[RECONCILER] = Reconciler(service, app[LOCK], config.reconcile_interval)
     app[STREAMS] = set[stream.Listener]()
+    app[LISTING] = Listing()
     feed.ring(service.events)  # from now on (the daemon attached it before the restore)
     app.on_shutdown.append(_end_streams)
     app[VERIFYING] = asyncio.Semaphore(1)

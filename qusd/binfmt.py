@@ -265,9 +265,28 @@ class BinfmtMisc:
 
     def __init__(self, path: str | os.PathLike[str] = DEFAULT_PATH) -> None:
         self.path = Path(path)
+        #: writes made through this object, counted once each is done (the
+        #: table may have changed: what was read before is stale)
+        self.write_count = 0
+        #: entries parsed from their files' exact bytes: a table read again
+        #: is parsed again only where it changed
+        self._parsed: dict[tuple[str, bytes], Entry] = {}
 
     def __repr__(self) -> str:
         return f"BinfmtMisc({str(self.path)!r})"
+
+    # -- what may have changed ----------------------------------------------
+
+    def version(self) -> tuple[int, int] | None:
+        """A token that moves whenever the table may have changed, or None
+        when that cannot be told without reading it (no watcher: see
+        qusd.watch.ObservedKernel)."""
+        return None
+
+    def watch_files(self, directories: frozenset[str]) -> int | None:
+        """How many times files were created, removed or renamed in these
+        directories so far, or None when that cannot be told (no watcher)."""
+        return None
 
     # -- the mount --------------------------------------------------------
 
@@ -349,14 +368,57 @@ class BinfmtMisc:
             return None
 
     def entries(self) -> list[Entry]:
-        """Every entry, qemu or not; one removed while listing is skipped."""
+        """Every entry, qemu or not, by name; one removed while listing is
+        skipped. The files are read through one descriptor of the directory,
+        and only those whose bytes changed since the last call are parsed."""
+        return self._parse(sorted(self.snapshot()))
+
+    def _parse(self, files: list[tuple[str, bytes]]) -> list[Entry]:
+        """Entries from (name, bytes) of their files; the same Entry as last
+        time for a file whose bytes did not change."""
+        parsed, fresh = self._parsed, {}
         found = []
-        for n in self.names():
-            try:
-                found.append(self.entry(n))
-            except NoSuchEntryError:
-                continue
+        for key in files:
+            entry = parsed.get(key)
+            if entry is None:
+                entry = Entry.parse(key[0], key[1].decode("utf-8", "surrogateescape"))
+            fresh[key] = entry
+            found.append(entry)
+        self._parsed = fresh
         return found
+
+    def snapshot(self) -> list[tuple[str, bytes]]:
+        """Every entry's name and the exact bytes of its file, in the
+        directory's order (newest first), read through one descriptor of the
+        directory: one open, read and close per entry, nothing else."""
+        try:
+            dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            self._require_mounted()
+            raise
+        try:
+            names = os.listdir(dfd)
+            if "status" not in names:  # the directory under the mount point
+                self._require_mounted()
+            found = []
+            for name in names:
+                if name in ("register", "status"):
+                    continue
+                try:
+                    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dfd)
+                except FileNotFoundError:
+                    continue  # removed while listing
+                try:
+                    # the kernel hands the whole file (at most a page) at once
+                    data = os.read(fd, 16384)
+                    while len(data) % 16384 == 0 and (more := os.read(fd, 16384)):
+                        data += more
+                finally:
+                    os.close(fd)
+                found.append((name, data))
+            return found
+        finally:
+            os.close(dfd)
 
     def entry(self, name: str) -> Entry:
         if not _could_be_entry(name):
@@ -382,6 +444,8 @@ class BinfmtMisc:
             _write(self.path / "register", line)
         except OSError as e:
             raise self._register_error(rule, e) from None
+        finally:
+            self.write_count += 1
         return self.entry(rule.name)
 
     def _register_error(self, rule: Rule, e: OSError) -> Exception:
@@ -443,6 +507,8 @@ class BinfmtMisc:
                     "the user namespace that mounted binfmt_misc"
                 ) from None
             raise KernelError(f"writing {self.path / name} failed: {e.strerror}") from None
+        finally:
+            self.write_count += 1
 
 
 def _could_be_entry(name: str) -> bool:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
-from qusd import __version__, catalog, config, feed, sandbox, systemd_glue
+from qusd import __version__, aioweb, catalog, config, feed, sandbox, systemd_glue
 from qusd.binfmt import BinfmtMisc
 from qusd.config import Config
 from qusd.errors import QusdError, SocketInUseError
@@ -268,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("restore: %s", report.summary())
         if sock is None:
             return 1 if report.failed else 0
+        aioweb.load()  # aiohttp's server, without its client and TLS
         from qusd import server  # noqa: PLC0415 - asyncio, aiohttp: only now
 
         server.run(cfg, svc, sock, report, passed)

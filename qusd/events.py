@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from qusd.binfmt import printable
 
@@ -55,14 +56,30 @@ def journal_fields(kind: str) -> dict[str, Any]:
     return {"MESSAGE_ID": MESSAGE_IDS[kind], "QUSD_EVENT": kind}
 
 
+class Loop(Protocol):
+    """What Events needs of an event loop (asyncio's)."""
+
+    def call_soon_threadsafe(self, callback: Callable[[Event], object], ev: Event, /) -> object: ...
+
+
 class Events:
     """The one place a change is told: emit() logs it and hands it to every
-    subscriber, numbered so a subscriber that missed some can tell."""
+    subscriber, numbered so a subscriber that missed some can tell.
+
+    Subscribers (event streams, metrics) live in the event loop: once bound
+    to it, an event emitted in another thread (the daemon changes the table
+    in a worker thread) reaches them through the loop, in order."""
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self.log = logger or logging.getLogger("qusd")
         self._subscribers: list[Subscriber] = []
         self._seq = itertools.count(1)
+        self._loop: Loop | None = None
+        self._loop_thread: int | None = None
+
+    def bind(self, loop: Loop) -> None:
+        """Hand events to subscribers in this loop's thread from now on."""
+        self._loop, self._loop_thread = loop, threading.get_ident()
 
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
         """Call subscriber with every event from now on; returns the unsubscribe."""
@@ -86,9 +103,15 @@ class Events:
         if names:
             fields["QUSD_NAMES"] = ",".join(names)
         self.log.log(level, "%s", message, extra=fields)
+        if self._loop is not None and threading.get_ident() != self._loop_thread:
+            self._loop.call_soon_threadsafe(self._deliver, ev)
+        else:
+            self._deliver(ev)
+        return ev
+
+    def _deliver(self, ev: Event) -> None:
         for subscriber in list(self._subscribers):
             try:
                 subscriber(ev)
             except Exception:  # a broken subscriber must not undo a change
                 self.log.exception("event subscriber %r failed", subscriber)
-        return ev

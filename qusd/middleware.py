@@ -16,13 +16,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
-from pydantic import ValidationError
 
+from qusd import views
+from qusd.binfmt import printable
 from qusd.config import Config
 from qusd.errors import (
     BadRequestError,
@@ -39,7 +41,6 @@ from qusd.errors import (
     error_class,
 )
 from qusd.events import journal_fields
-from qusd.models import Problem, printable
 from qusd.policy import Caller, RateLimiter, Role
 from qusd.service import Service
 
@@ -111,7 +112,7 @@ def problem_response(err: QusdError, **extra: Any) -> web.Response:
         headers["Retry-After"] = str(err.retry_after)
     if "accept_encoding" in err.details:  # RFC 7694: the codings a 415 would take
         headers["Accept-Encoding"] = str(err.details["accept_encoding"])
-    text = Problem.model_validate(body).model_dump_json(exclude_none=True)
+    text = views.problem(body)
     resp = web.Response(status=err.http_status, text=text, content_type=PROBLEM_JSON,
                         headers=headers)  # fmt: skip
     if isinstance(err, RequestTimeoutError):
@@ -177,15 +178,6 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _gone(request, e)
     except QusdError as e:
         return problem_response(e)
-    except ValidationError as e:
-        fields = [
-            {"loc": ["body", *e_["loc"]], "msg": e_["msg"], "type": e_["type"]}
-            for e_ in e.errors(include_url=False, include_input=False)
-        ]
-        detail = "; ".join(
-            f"{'.'.join(map(str, f['loc'][1:])) or 'body'}: {f['msg']}" for f in fields
-        )
-        return problem_response(RequestValidationError(detail), errors=fields)
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -204,10 +196,29 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except ConnectionError:
         return _gone(request, ClientGoneError("the client went away before its request was read"))
     except Exception as e:
+        if _is_validation_error(e):
+            return _validation_problem(e)
         log.error("internal error on %s %s: %s", request.method, escaped(request.raw_path),
                   escaped(f"{type(e).__name__}: {e}"))  # fmt: skip
         log.debug("the traceback of that internal error", exc_info=e)
         return problem_response(InternalError("internal error; see the daemon's log"))
+
+
+def _is_validation_error(e: Exception) -> bool:
+    """Whether e is pydantic's ValidationError (pydantic is loaded only when
+    a request body is validated: until then no such error can be raised)."""
+    core = sys.modules.get("pydantic_core")
+    return core is not None and isinstance(e, core.ValidationError)
+
+
+def _validation_problem(e: Any) -> web.Response:
+    """A body the request's model refused: 422, each field's error."""
+    fields = [
+        {"loc": ["body", *e_["loc"]], "msg": e_["msg"], "type": e_["type"]}
+        for e_ in e.errors(include_url=False, include_input=False)
+    ]
+    detail = "; ".join(f"{'.'.join(map(str, f['loc'][1:])) or 'body'}: {f['msg']}" for f in fields)
+    return problem_response(RequestValidationError(detail), errors=fields)
 
 
 def _gone(request: web.Request, err: ClientGoneError) -> web.Response:

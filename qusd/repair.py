@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import ParamSpec, TypeVar
 
 from qusd import systemd_glue
 from qusd.binfmt import BinfmtMisc
@@ -29,6 +30,37 @@ log = logging.getLogger("qusd")
 #: only when they changed something)
 ASKED = frozenset({"request", "SIGHUP"})
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+async def in_thread(svc: Service, fn: Callable[P, T], *args: P.args, **kw: P.kwargs) -> T:
+    """Run a service call (the caller holds the table lock) in a worker
+    thread, so the event loop serves meanwhile: the kernel writes, the
+    state's fsync and a reconcile of a thousand entries wait on the disk or
+    the CPU, not on the loop. Readers keep to the table as it was until the
+    call is done (svc.busy). A cancelled caller still waits for the call to
+    end, so the lock is held until it does."""
+    loop = asyncio.get_running_loop()
+    svc.events.bind(loop)
+    svc.busy += 1
+    call = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kw))
+    cancelled = False
+    try:
+        while True:
+            try:
+                result = await asyncio.shield(call)
+                break
+            except asyncio.CancelledError:
+                if call.done():
+                    raise
+                cancelled = True  # the change goes on in its thread: wait for it
+    finally:
+        svc.busy -= 1
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
 
 class Reconciler:
     def __init__(self, svc: Service, lock: asyncio.Lock, interval: float) -> None:
@@ -41,6 +73,12 @@ class Reconciler:
         self._task: asyncio.Task[None] | None = None
         #: reconciles run since start, by trigger (for status and tests)
         self.runs: dict[str, int] = {}
+        #: the table's version (Service.version) after the last reconcile
+        #: that left nothing to retry: an interval tick finds nothing to do
+        #: while it holds
+        self._settled: object = None
+        #: interval ticks that found the table as the last reconcile left it
+        self.skipped = 0
 
     @property
     def automatic(self) -> bool:
@@ -63,6 +101,7 @@ class Reconciler:
                 self.watch = None
             else:
                 self.watch.subscribe(self._changed)
+                self.svc.kernel.watch = self.watch  # its events tell when the table changed
         self._task = asyncio.create_task(self._loop())
         if self.automatic:
             self.poke("start")
@@ -80,6 +119,19 @@ class Reconciler:
         """Ask for a reconcile as soon as the table lock is free."""
         self._why.add(why)
         self._wake.set()
+
+    def _unchanged(self) -> bool:
+        """Whether nothing moved since a reconcile that left nothing to
+        retry: no event in the table or in an interpreter's directory, no
+        write, no save (Service.version, every queued event read first),
+        and binfmt_misc still mounted there. Then a tick has nothing to do:
+        reading a thousand entries every few seconds only to find them as
+        they were is what this spares (what moves, the watcher reports, and
+        the reconcile it asks for always runs)."""
+        if self._settled is None:
+            return False
+        version = self.svc.version()
+        return version is not None and version == self._settled and self.svc.kernel.is_mounted()
 
     def _changed(self, notice: Notice) -> None:
         self.poke("unmount" if notice.unmounted else "watch")
@@ -102,13 +154,19 @@ class Reconciler:
         """One reconcile now (waiting for the table lock)."""
         triggers = sorted(set(why))
         async with self.lock:
+            if triggers == ["interval"] and self._unchanged():
+                self.skipped += 1
+                return RestoreReport()
+            self._settled = None
             try:
-                report = self.svc.reconcile()
+                report = await in_thread(self.svc, self.svc.reconcile)
             except QusdError as e:
                 log.error("reconcile: %s", e.message)
                 report = RestoreReport()
             if self.watch is not None:
                 self.watch.arm()  # a new mount needs a new watch
+            if not report.failed:
+                self._settled = self.svc.version()
         for t in triggers:
             self.runs[t] = self.runs.get(t, 0) + 1
         changed = report.changed()

@@ -78,9 +78,11 @@ class ConnectionGuard:
         self.admitted = 0
         self.by_uid: dict[int, int] = {}
         self.refused = 0
-        # handlers that have not had a whole request head yet; each leaves
-        # when its head arrives, at its deadline, or when it closes
-        self._waiting: set[GuardedHandler] = set()
+        # handlers that have not had a whole request head yet, with their
+        # deadline's timer; each leaves (its timer cancelled: the timer would
+        # keep the handler and its buffers alive until then) when its head
+        # arrives, at its deadline, or when it closes
+        self._waiting: dict[GuardedHandler, asyncio.TimerHandle] = {}
         self._told: dict[int, float] = {}  # uid -> when its refusal was last logged
 
     def __call__(self) -> asyncio.BaseProtocol:
@@ -112,8 +114,8 @@ class ConnectionGuard:
         handler = GuardedHandler(self.server, guard=self, peer=who, **self.handler_args)
         transport.set_protocol(handler)
         handler.connection_made(transport)
-        self._waiting.add(handler)
-        asyncio.get_running_loop().call_later(self.header_timeout, self._deadline, handler)
+        loop = asyncio.get_running_loop()
+        self._waiting[handler] = loop.call_later(self.header_timeout, self._deadline, handler)
         return handler
 
     def _tell(self, who: Caller, held: int) -> None:
@@ -142,7 +144,7 @@ class ConnectionGuard:
             self.by_uid[uid] = left
         else:
             self.by_uid.pop(uid, None)
-        self._waiting.discard(handler)
+        self._stop_waiting(handler)
 
     def started(self, request: web.BaseRequest) -> None:
         """Called for every request whose head arrived."""
@@ -150,12 +152,16 @@ class ConnectionGuard:
 
     def head_arrived(self, handler: object) -> None:
         if isinstance(handler, GuardedHandler):
-            self._waiting.discard(handler)
+            self._stop_waiting(handler)
+
+    def _stop_waiting(self, handler: GuardedHandler) -> None:
+        timer = self._waiting.pop(handler, None)
+        if timer is not None:
+            timer.cancel()
 
     def _deadline(self, handler: GuardedHandler) -> None:
-        if handler not in self._waiting:
+        if self._waiting.pop(handler, None) is None:
             return
-        self._waiting.discard(handler)
         if handler.transport is not None:
             log.debug("closing a connection that sent no request in %gs", self.header_timeout)
             handler.force_close()  # closes the transport too

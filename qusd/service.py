@@ -18,22 +18,27 @@ managed reset or a refused request.
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-from qusd import __version__, interpreters, native, provision, table, verify
+from qusd import __version__, interpreters, table
 from qusd.binfmt import BinfmtMisc, Entry, Rule
 from qusd.catalog import Catalog, Target, family_of, host_machine, is_qemu_entry, wants_all
 from qusd.config import Config
 from qusd.errors import ForbiddenError, NoSuchEntryError, NotMountedError, QusdError
 from qusd.events import Events
 from qusd.interpreters import FileId
-from qusd.native import Verdict
 from qusd.policy import Caller, Pinned, Policy, Role, Trust, native_headers
 from qusd.state import Record, State
 from qusd.table import Action, Change, Transaction, Want
+
+if TYPE_CHECKING:  # what verify, install and the native probes need, loaded when asked
+    from qusd import provision, verify
+    from qusd.native import Verdict
 
 log = logging.getLogger("qusd.service")
 
@@ -62,6 +67,17 @@ class Registration:
     owner: int | None = None
     #: qusd keeps the name against other definitions (an admin's entry)
     kept: bool = False
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every entry as qusd sees it, at one moment: the same object for as
+    long as nothing it shows has changed."""
+
+    #: what it was read at (Service.version), None when that is not known
+    version: Hashable | None
+    #: the same tuple for as long as every registration is the same
+    registrations: tuple[Registration, ...]
 
 
 @dataclass
@@ -151,6 +167,16 @@ class Service:
         self.warnings: dict[str, str] = {f"state:{i}": w for i, w in enumerate(state.warnings)}
         self._native: dict[str, Verdict] | None = None
         self._native_lock = threading.Lock()
+        self._snapshot: Snapshot | None = None
+        #: each entry's registration, by the entry's identity (the kernel
+        #: layer hands the same Entry while its file's bytes stay the same)
+        self._views: dict[int, tuple[Entry, Record | None, Registration]] = {}
+        #: the directories of the interpreter files F records hold, by state
+        #: generation (an upgrade there makes an entry's interpreter stale)
+        self._stamp_dirs: tuple[int, frozenset[str]] | None = None
+        #: changes in flight in another thread (the API's): readers keep to
+        #: the last snapshot meanwhile
+        self.busy = 0
 
     # -- start-up ---------------------------------------------------------
 
@@ -428,7 +454,68 @@ class Service:
         )
 
     def registrations(self) -> list[Registration]:
-        return [self._view(e) for e in self.kernel.entries()]
+        return list(self.snapshot().registrations)
+
+    def version(self) -> Hashable | None:
+        """A token that moves whenever what registrations() shows may have
+        changed: qusd wrote to the table, the watcher saw an event there or
+        in an interpreter's directory, the state was saved. None when that
+        cannot be told (no watcher: repairs off, or events unavailable)."""
+        known = self.kernel.version()
+        if known is None:
+            return None
+        files = self._stamp_version()
+        if files is None:
+            return None
+        return (known, files, self.state.generation)
+
+    def _stamp_version(self) -> Hashable | None:
+        """How many times the directories of the interpreters F records
+        hold have changed (watched for that), or None when they cannot be."""
+        generation = self.state.generation
+        if self._stamp_dirs is None or self._stamp_dirs[0] != generation:
+            dirs: set[str] = set()
+            for rec in self.state.records.values():
+                if rec.stamp is not None and "F" in rec.rule.flags:
+                    path = rec.rule.interpreter
+                    dirs.add(os.path.dirname(path))
+                    dirs.add(os.path.dirname(os.path.realpath(path)))
+            self._stamp_dirs = (generation, frozenset(dirs))
+        return self.kernel.watch_files(self._stamp_dirs[1])
+
+    def snapshot(self, settled: bool = False) -> Snapshot:
+        """Every entry as qusd sees it. Read again only when version() moved
+        (without a version: read, and the last snapshot kept when it shows
+        the same), so that whoever serializes it may keep what it made.
+        settled: while a change is in flight in another thread, the last
+        snapshot (the table before it), never one read halfway."""
+        last = self._snapshot
+        if settled and self.busy and last is not None:
+            return last
+        version = self.version()
+        if version is not None and last is not None and last.version == version:
+            return last
+        records, known, views = self.state.records, self._views, {}
+        found = []
+        for entry in self.kernel.entries():
+            rec = records.get(entry.name)
+            hit = known.get(id(entry))
+            if hit is not None and hit[0] is entry and hit[1] is rec:
+                reg = hit[2]  # the same entry and record: only the file may have moved
+                if reg.managed and rec is not None and self._stale(rec) != reg.interpreter_stale:
+                    reg = replace(reg, interpreter_stale=not reg.interpreter_stale)
+            else:
+                reg = self._view(entry)
+            views[id(entry)] = (entry, rec, reg)
+            found.append(reg)
+        self._views = views
+        regs = tuple(found)
+        if last is not None and last.registrations == regs:
+            snap = last if last.version == version else Snapshot(version, last.registrations)
+        else:
+            snap = Snapshot(version, regs)
+        self._snapshot = snap
+        return snap
 
     def registration(self, name: str) -> Registration:
         return self._view(self.kernel.entry(name))
@@ -655,16 +742,22 @@ class Service:
 
     def _remove(self, entries: Iterable[Entry], forget: Iterable[str]) -> None:
         """Remove entries from the kernel and names from the state, all or none."""
-        gone = set(forget)
-        records = {n: r for n, r in self.state.records.items() if n not in gone}
+        records = dict(self.state.records)
+        for name in set(forget):
+            records.pop(name, None)
         with Transaction(self.kernel) as tx:
             for e in entries:
                 tx.remove(e)
             self._save(records)
 
     def _save(self, records: dict[str, Record]) -> None:
-        """Persist records, unless they are what the state holds already."""
-        if records != self.state.records:
+        """Persist records, unless they are what the state holds already
+        (told without comparing every record: most are the same objects)."""
+        held = self.state.records
+        if len(records) != len(held) or (
+            not all(map(operator.is_, records.values(), held.values()))
+            and any(held.get(name) != rec for name, rec in records.items())
+        ):
             self.state.save(records)
 
     def _require_mounted(self) -> None:
@@ -678,7 +771,8 @@ class Service:
 
     def status(self) -> dict[str, object]:
         mounted = self.kernel.is_mounted()
-        regs = self.registrations() if mounted else []
+        regs = self.snapshot(settled=True).registrations if mounted else ()
+        warnings = list(self.warnings.items())  # at once: a reconcile may change them
         return {
             "version": __version__,
             "kernel": os.uname().release,
@@ -698,7 +792,7 @@ class Service:
                 "persistent": sum(r.persistent for r in regs),
                 "recorded": len(self.state.records),
             },
-            "warnings": [{"code": k.split(":")[0], "message": v} for k, v in self.warnings.items()],
+            "warnings": [{"code": k.split(":")[0], "message": v} for k, v in warnings],
         }
 
     # -- emulation: what the host runs, proving entries, interpreters ---------
@@ -709,6 +803,8 @@ class Service:
         first call runs the probes: call it off the event loop."""
         with self._native_lock:
             if self._native is None:
+                from qusd import native  # noqa: PLC0415 - the probes: only when asked
+
                 cfg = self.config
                 self._native = native.detect(
                     self.catalog, self.family, native_targets=cfg.native_targets,
@@ -726,6 +822,8 @@ class Service:
         """Run each registered target's built-in program (or the named
         targets') through the kernel, in a child of this process (so in its
         sandbox, when there is one). Blocks: call it off the event loop."""
+        from qusd import verify  # noqa: PLC0415 - only when asked
+
         if "not-mounted" in self.warnings and not self.kernel.is_mounted():
             self._require_mounted()  # says why qusd could not mount it
         targets = self.catalog.resolve(names) if names is not None else None
@@ -744,6 +842,8 @@ class Service:
         store = self.config.interpreter_store
         if not store:
             raise ForbiddenError("no interpreter_store is set in the settings: nowhere to install")
+        from qusd import provision  # noqa: PLC0415 - only when asked
+
         done = provision.install(
             self.catalog.foreign(self.family) if wants_all(names) else self.catalog.resolve(names),
             deb,
@@ -771,7 +871,11 @@ class Service:
 
     def _stored(self) -> dict[str, provision.Installed]:
         store = self.config.interpreter_store
-        return provision.manifest(store) if store else {}
+        if not store:
+            return {}
+        from qusd import provision  # noqa: PLC0415 - only when asked
+
+        return provision.manifest(store)
 
 
 def _verify(pin: Pinned | None) -> None:

@@ -21,8 +21,8 @@ import logging
 from collections import deque
 from typing import Any
 
+from qusd.binfmt import printable
 from qusd.events import Event, Events
-from qusd.models import printable
 
 log = logging.getLogger("qusd.api")
 

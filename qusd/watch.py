@@ -29,7 +29,9 @@ import ctypes
 import errno
 import logging
 import os
+import select
 import struct
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,6 +55,14 @@ IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 
 WATCHED = IN_MODIFY | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
+IN_MOVED_FROM = 0x00000040
+IN_MOVED_TO = 0x00000080
+#: what replaces or removes a file in a directory (a package upgrade writes
+#: a new file and renames it over the old one)
+DIRECTORY = (
+    IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE_SELF | IN_MOVE_SELF
+    | IN_ONLYDIR
+)  # fmt: skip
 _HEADER = struct.Struct("iIII")  # wd, mask, cookie, len
 
 #: (file name, kind) pairs: kind is "modify", "delete" or "create"
@@ -76,6 +86,9 @@ class Inotify:
             err = ctypes.get_errno()
             raise OSError(err, f"inotify_add_watch {path}: {os.strerror(err)}")
         return wd
+
+    def remove(self, wd: int) -> None:
+        self._libc.inotify_rm_watch(self.fd, wd)
 
     def read(self) -> list[tuple[int, int, str]]:
         """Every queued event as (wd, mask, name); [] when there is none."""
@@ -125,23 +138,30 @@ class OwnWrites:
         self._pending: Counter[Touch] = Counter()
         #: qusd's writes seen since start, for status and tests
         self.explained = 0
+        # writes are noted in the thread that makes them (changes run off
+        # the event loop), events are read in the loop's
+        self._lock = threading.Lock()
 
     def expect(self, touches: list[Touch]) -> None:
-        self._pending.update(touches)
+        with self._lock:
+            self._pending.update(touches)
 
     def withdraw(self, touches: list[Touch]) -> None:
-        self._pending.subtract(touches)
-        self._pending = +self._pending  # drop what went to zero or below
+        with self._lock:
+            self._pending.subtract(touches)
+            self._pending = +self._pending  # drop what went to zero or below
 
     def explains(self, touch: Touch) -> bool:
-        if self._pending[touch] > 0:
-            self._pending[touch] -= 1
-            self.explained += 1
-            return True
-        return False
+        with self._lock:
+            if self._pending[touch] > 0:
+                self._pending[touch] -= 1
+                self.explained += 1
+                return True
+            return False
 
     def clear(self) -> None:
-        self._pending.clear()
+        with self._lock:
+            self._pending.clear()
 
     @contextmanager
     def writing(self, touches: list[Touch]) -> Iterator[None]:
@@ -160,6 +180,71 @@ class ObservedKernel(BinfmtMisc):
     def __init__(self, path: str | os.PathLike[str], own: OwnWrites) -> None:
         super().__init__(path)
         self.own = own
+        #: the watcher reading this mount's events (set once it watches)
+        self.watch: TableWatch | None = None
+        #: each entry file's bytes as last read in the loop's thread, and
+        #: their names in order (kept current from the watcher's events)
+        self._files: dict[str, bytes] | None = None
+        self._order: list[str] | None = None
+
+    def entries(self) -> list[Entry]:
+        """As BinfmtMisc.entries(), but in the event loop's thread, while the
+        watch is on, only the files events named since the last call are
+        read again (and the directory, when an entry was registered): after
+        a change among a thousand entries, one file is read, not a thousand.
+        Elsewhere, or when anything may have changed, every file is read."""
+        watch = self.watch
+        if watch is None or not watch.current():
+            return super().entries()
+        touched = watch.take_touched()
+        files = self._files
+        if touched is None or files is None:
+            files = dict(self.snapshot())
+            self._order = None
+        elif touched:
+            before = len(files)
+            if "register" in touched:  # a new entry: which one, the directory says
+                names = set(os.listdir(self.path)) - {"register", "status"}
+                for gone in set(files) - names:
+                    del files[gone]
+                touched = touched | (names - set(files))
+            for name in touched - {"register", "status"}:
+                data = self._read(name)
+                if data is None:
+                    files.pop(name, None)
+                else:
+                    files[name] = data
+            if len(files) != before or "register" in touched:
+                self._order = None
+        self._files = files
+        if self._order is None:
+            self._order = sorted(files)
+        return self._parse([(name, files[name]) for name in self._order])
+
+    def _read(self, name: str) -> bytes | None:
+        """An entry file's bytes, or None when there is no such entry."""
+        try:
+            fd = os.open(self.path / name, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            return os.read(fd, 16384)
+        finally:
+            os.close(fd)
+
+    def version(self) -> tuple[int, int] | None:
+        """qusd's writes and the events read, once every queued event is read;
+        None while nothing is watched (or off the event loop's thread)."""
+        watch = self.watch
+        if watch is None or not watch.current():
+            return None
+        return (self.write_count, watch.changes)
+
+    def watch_files(self, directories: frozenset[str]) -> int | None:
+        watch = self.watch
+        if watch is None or not watch.current() or not watch.watch_directories(directories):
+            return None
+        return watch.file_changes
 
     def register(self, rule: Rule) -> Entry:
         with self.own.writing([("register", "modify")]):
@@ -239,8 +324,23 @@ class TableWatch:
         self._burst_start = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: int | None = None
+        self._poll: select.poll | None = None
         #: notices of others' changes sent since start
         self.notices = 0
+        #: events about the table read so far, qusd's own included: a parsed
+        #: table is current while this (and the kernel's own count of
+        #: qusd's writes) has not moved
+        self.changes = 0
+        #: directories watched for files replaced in them (interpreters),
+        #: and the events seen there
+        self._dirs: dict[str, int] = {}
+        self._watched: frozenset[str] | None = None
+        self._dir_wds: dict[int, str] = {}
+        self.file_changes = 0
+        #: the files of the table events named since the last take_touched()
+        #: ("register": a new entry; None: anything, e.g. the queue overflowed)
+        self.touched: set[str] | None = None
 
     # -- subscribers ------------------------------------------------------------
 
@@ -260,10 +360,54 @@ class TableWatch:
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Start reading in the running loop; arm() adds the watch."""
         self._loop = loop or asyncio.get_running_loop()
+        self._thread = threading.get_ident()
         if self._inotify is None:
             self._inotify = Inotify()
             self._loop.add_reader(self._inotify.fd, self._readable)
+            self._poll = select.poll()
+            self._poll.register(self._inotify.fd, select.POLLIN)
         self.arm()
+
+    def current(self) -> bool:
+        """Whether `changes` and `file_changes` count every event so far:
+        the queued ones are read first (one poll(2) when there are none).
+        Only the loop's thread reads events; elsewhere this is False."""
+        if self._wd is None or self._poll is None or threading.get_ident() != self._thread:
+            return False
+        if self._poll.poll(0):
+            self._readable()
+        return self._wd is not None
+
+    def take_touched(self) -> set[str] | None:
+        """The files events named since the last call (None: anything may
+        have changed, as at the first call); call current() first."""
+        touched, self.touched = self.touched, set()
+        return touched
+
+    def watch_directories(self, directories: frozenset[str]) -> bool:
+        """Watch exactly these directories for files created, removed or
+        renamed in them (file_changes counts the events); False when one
+        cannot be watched."""
+        if self._inotify is None:
+            return False
+        if directories is self._watched and len(self._dirs) == len(directories):
+            return True  # as last time, every one still watched
+        self._watched = directories
+        ok = True
+        for path in set(self._dirs) - directories:
+            wd = self._dirs.pop(path)
+            self._dir_wds.pop(wd, None)
+            if wd != self._wd:
+                self._inotify.remove(wd)
+        for path in directories - set(self._dirs):
+            try:
+                wd = self._inotify.add(path, DIRECTORY)
+            except OSError:
+                ok = False
+                continue
+            self._dirs[path] = wd
+            self._dir_wds[wd] = path
+        return ok
 
     def arm(self) -> bool:
         """Watch the directory if binfmt_misc is mounted there and no watch is
@@ -273,6 +417,7 @@ class TableWatch:
             return self._wd is not None
         if not BinfmtMisc(self.path).is_mounted():
             return False
+        self.touched = None  # unwatched until now: anything may have changed
         try:
             self._wd = self._inotify.add(self.path)
         except OSError as e:
@@ -292,6 +437,10 @@ class TableWatch:
             self._inotify.close()
             self._inotify = None
         self._wd = None
+        self._poll = None
+        self.touched = None
+        self._dirs.clear()
+        self._dir_wds.clear()
 
     def _readable(self) -> None:
         assert self._inotify is not None
@@ -305,8 +454,16 @@ class TableWatch:
 
     def feed(self, wd: int, mask: int, name: str) -> None:
         """One inotify event: sorted into qusd's own or someone else's."""
+        if wd in self._dir_wds:  # a watched interpreter directory
+            self.file_changes += 1
+            if mask & IN_IGNORED:  # the directory went: watched again on demand
+                self._dirs.pop(self._dir_wds.pop(wd), None)
+            return
+        self.changes += 1
         burst = self._open_burst()
         if mask & IN_Q_OVERFLOW:
+            self.file_changes += 1
+            self.touched = None
             burst.overflow = burst.foreign = True
             self.own.clear()  # the explanations are lost with the events
             return
@@ -316,8 +473,11 @@ class TableWatch:
             if mask & IN_IGNORED or mask & IN_UNMOUNT:
                 self._wd = None
                 self.own.clear()
+            self.touched = None
             burst.unmounted = burst.foreign = True
             return
+        if self.touched is not None:
+            self.touched.add(name)
         for touch in touches(mask, name):
             burst.names.add(touch[0])
             if self.own.explains(touch):

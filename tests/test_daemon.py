@@ -333,7 +333,7 @@ heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("aiohttp", "pydanti
 assert not heavy, heavy
 from qusd.binfmt import BinfmtMisc
 print(rc, *BinfmtMisc().names())
-import qusd.api  # the control: the check does see them once they are imported
+import qusd.api, qusd.models  # the control: the check does see them once they are imported
 print("aiohttp" in sys.modules and "pydantic" in sys.modules)
 """
 

@@ -99,6 +99,9 @@ class FakeKernel(BinfmtMisc):
     def registered_at(self, name: str) -> int | None:
         return None
 
+    def entries(self) -> list[Entry]:
+        return [self.table[n] for n in self.names()]
+
     def entry(self, name: str) -> Entry:
         self._need_mount()
         try:

@@ -92,10 +92,10 @@ async def test_a_bug_is_an_internal_problem(
 ) -> None:  # fmt: skip
     svc = world.service()
 
-    def broken() -> list[Any]:
+    def broken(**_: Any) -> list[Any]:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(svc, "registrations", broken)
+    monkeypatch.setattr(svc, "snapshot", broken)
     c = await client_for(aiohttp_client, svc)
     doc = await problem(await c.get("/v1/registrations"), 500, "internal")
     assert "a bug" not in json.dumps(doc)  # the log has it, the client does not
