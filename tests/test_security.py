@@ -359,9 +359,9 @@ def test_root_and_admins_keep_room(accounts: Accounts, workdir: Path) -> None:
         hogs = [run_flood(who, "hold", d.socket, 30, 8) for who in (accounts.user, accounts.user2)]
         try:
             # Each user refused once holds its whole share: 40 of 48, 8 kept.
-            wait_until("both users held to their share", lambda: all(
-                f"uid {who.uid} (pid" in d.log.read_text() for who in (accounts.user, accounts.user2)
-            ), timeout=20)  # fmt: skip
+            hogged = [f"uid {who.uid} (pid" for who in (accounts.user, accounts.user2)]
+            wait_until("both users held to their share",
+                       lambda: all(m in d.log.read_text() for m in hogged), timeout=20)  # fmt: skip
             third = run_flood(accounts.other, "hold", d.socket, 1, 1)
             assert flood_result(third) == {"served": 0}
             for who in (accounts.admin, None):
