@@ -105,7 +105,11 @@ async def main():
 
 asyncio.run(main())
 """
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    argv = [sys.executable, "-c", code, str(world.interpreters.parent)]
+    path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
+    # as nobody (tests/test_unit_layer.py), a venv under /root may start
+    # Python but not be executable again: the system's then
+    python = sys.executable if os.access(sys.executable, os.X_OK) else "/usr/bin/python3"
+    argv = [python, "-c", code, str(world.interpreters.parent)]
     res = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60, check=False)
     assert res.stdout.split() == ["False", "True"], res.stderr
