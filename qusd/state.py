@@ -225,7 +225,8 @@ class State:
     def save(self, records: dict[str, Record]) -> None:
         """Write records and make them current; StateError leaves both the
         file and self.records as they were."""
-        lines, written, _ = self._serialize(records)
+        written = list(records.values())
+        lines = self._serialize(written)
         tmp = self.path.with_name(f".{FILENAME}.{os.getpid()}.tmp")
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -255,20 +256,16 @@ class State:
         except OSError as e:
             log.warning("cannot fsync %s: %s", self.directory, e.strerror)
 
-    def _serialize(
-        self, records: dict[str, Record]
-    ) -> tuple[list[bytes], list[Record], list[bytes]]:
-        """The document's lines (one record each), and its records. Only
-        the records that are not the very ones last written are serialized:
-        the unchanged head and tail are found by identity, at C speed (a
-        change among a thousand records costs what one record does, plus
-        copying the bytes)."""
-        new, old, lines = list(records.values()), self._written, self._lines
+    def _serialize(self, new: list[Record]) -> list[bytes]:
+        """The document's lines, one record each. Only the records that are
+        not the very ones last written are serialized: the unchanged head and
+        tail are found by identity, at C speed (a change among a thousand
+        records costs what one record does, plus copying the bytes)."""
+        old, lines = self._written, self._lines
         head = _common(new, old)
         tail = _common(new[head:][::-1], old[head:][::-1])
         middle = [_line(r) for r in new[head : len(new) - tail]]
-        body = [*lines[:head], *middle, *lines[len(old) - tail :]]
-        return body, new, body
+        return [*lines[:head], *middle, *lines[len(old) - tail :]]
 
 
 def _common(a: list[Record], b: list[Record]) -> int:
