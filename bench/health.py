@@ -7,19 +7,7 @@ the listing work: the target is to keep it (p99 at 64 included).
 
 from __future__ import annotations
 
-import argparse
-
-from bench.listing import compare
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--seconds", type=float, default=3.0)
-    ap.add_argument("--connections", type=int, nargs="+", default=[1, 8, 64])
-    ns = ap.parse_args()
-    compare("/v1/health", ns.connections, ns.rounds, ns.seconds)
-
+from bench import listing
 
 if __name__ == "__main__":
-    main()
+    listing.main("/v1/health", __doc__)

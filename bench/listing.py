@@ -67,13 +67,14 @@ def compare(target: str, connections: list[int], rounds: int, seconds: float) ->
             qusd.stop()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(target: str = "/v1/registrations", doc: str | None = __doc__) -> None:
+    """The command line of this script and of bench/health.py (another target)."""
+    ap = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--connections", type=int, nargs="+", default=[1, 8, 64])
     ns = ap.parse_args()
-    compare("/v1/registrations", ns.connections, ns.rounds, ns.seconds)
+    compare(target, ns.connections, ns.rounds, ns.seconds)
 
 
 if __name__ == "__main__":
