@@ -353,6 +353,15 @@ def install(built: Path, path: Path) -> None:
     os.rename(tmp, path)
 
 
+def register_wrapper(d: Daemon, wrapper: Path) -> None:
+    """qemu-aarch64 (F) with a test's wrapper script as its interpreter."""
+    t = catalog.builtin().get("aarch64")
+    entry = {"name": "qemu-aarch64", "magic": t.magic.hex(), "mask": t.mask.hex(),
+             "interpreter": str(wrapper), "flags": "F"}  # fmt: skip
+    d.client.request("POST", "/v1/registrations",
+                     {"entry": entry, "allow_untrusted_interpreter": True})  # fmt: skip
+
+
 def test_an_upgraded_interpreter_is_followed(spawn: Spawn, tmp_path: Path) -> None:  # noqa: F811
     qemu = interpreter("aarch64")
     bb = str(busybox_path("arm64"))
@@ -361,11 +370,7 @@ def test_an_upgraded_interpreter_is_followed(spawn: Spawn, tmp_path: Path) -> No
     v1, v2 = (build_wrapper(tmp_path, v, qemu) for v in ("1.0", "2.0"))
     install(v1, wrapper)
     d = spawn("--reconcile-interval", "3600")
-    t = catalog.builtin().get("aarch64")
-    entry = {"name": "qemu-aarch64", "magic": t.magic.hex(), "mask": t.mask.hex(),
-             "interpreter": str(wrapper), "flags": "F"}  # fmt: skip
-    d.client.request("POST", "/v1/registrations",
-                     {"entry": entry, "allow_untrusted_interpreter": True})  # fmt: skip
+    register_wrapper(d, wrapper)
     rc, out, err = d.inside.func("tests.test_events:run_foreign", bb)
     assert (rc, out.strip(), err.strip()) == (0, "aarch64", "wrapper 1.0")
     assert d.client.get("/v1/registrations/qemu-aarch64")["interpreter_stale"] is False
@@ -407,11 +412,7 @@ def test_the_swap_leaves_no_moment_without_an_entry(spawn: Spawn, tmp_path: Path
     built = {v: build_wrapper(tmp_path, str(v), qemu) for v in range(1, 12)}
     install(built[1], wrapper)
     d = spawn("--reconcile-interval", "3600")
-    t = catalog.builtin().get("aarch64")
-    entry = {"name": "qemu-aarch64", "magic": t.magic.hex(), "mask": t.mask.hex(),
-             "interpreter": str(wrapper), "flags": "F"}  # fmt: skip
-    d.client.request("POST", "/v1/registrations",
-                     {"entry": entry, "allow_untrusted_interpreter": True})  # fmt: skip
+    register_wrapper(d, wrapper)
     runner = Sandbox(enter=d.pid)
     try:
         results: list[list[str]] = []
