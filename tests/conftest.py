@@ -7,7 +7,9 @@ table. A session-wide guard checks that the host's table is unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
 import os
 import shutil
 import signal
@@ -196,6 +198,34 @@ def run_as(
 
 
 NOBODY = 65534
+
+
+@contextlib.contextmanager
+def open_dir(prefix: str, parent: str = "/tmp") -> Iterator[Path]:
+    """A fresh root-owned directory of mode 0755 under parent, removed
+    after: every user may traverse it (pytest's tmp_path is 0700); under
+    /run or /opt the trust checks accept what it holds (/tmp is
+    world-writable)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A directory every user can traverse, for a daemon and its socket."""
+    with open_dir("qusdt-") as path:
+        yield path
+
+
+def write_settings(workdir: Path, **settings: object) -> None:
+    """workdir/qusd.toml with these [qusd] settings (each value written as
+    JSON, which TOML reads alike for strings, numbers, booleans and lists)."""
+    lines = [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    (workdir / "qusd.toml").write_text("[qusd]\n" + "\n".join(lines) + "\n")
 
 
 def python_for(uid: int) -> str:

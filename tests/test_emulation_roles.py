@@ -16,7 +16,6 @@ from tests.test_roles import (  # noqa: F401 - the fixtures
     ok,
     refused,
     running,
-    workdir,
 )
 
 pytestmark = needs_sandbox
@@ -26,7 +25,7 @@ INSTALL = {"targets": ["arm64"], "deb": "/nonexistent/qemu-user-static.deb"}
 
 def test_readers_may_verify_only_admins_install(
     accounts: Accounts,  # noqa: F811 - the fixture
-    workdir: Path,  # noqa: F811
+    workdir: Path,
 ) -> None:
     store = workdir / "store"  # root's, in a 0755 directory: a store qusd may use
     with running(workdir, socket_mode="666", interpreter_store=str(store)) as d:
@@ -49,7 +48,7 @@ def test_readers_may_verify_only_admins_install(
 @pytest.mark.skipif(HOST_FAMILY != "i386", reason="x86 hosts: elsewhere i386 is foreign anyway")
 def test_users_may_register_what_the_host_does_not_run(
     accounts: Accounts,  # noqa: F811 - the fixture
-    workdir: Path,  # noqa: F811
+    workdir: Path,
 ) -> None:
     """i386 counts as foreign here (the setting says the host cannot run
     it), so a user may register it, and an i386 busybox then goes to QEMU;

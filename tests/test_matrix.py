@@ -20,7 +20,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 import pytest
 
 from qusd import catalog
-from tests.conftest import Daemon, busybox_path, interpreter, needs_sandbox
+from tests.conftest import Daemon, busybox_path, interpreter, needs_sandbox, open_dir
 
 pytestmark = needs_sandbox
 
@@ -52,12 +51,8 @@ def root(tmp_path: Path) -> Path:
 @pytest.fixture
 def custom() -> Iterator[Path]:
     """A custom interpreter directory the trust check accepts (root's, 755)."""
-    path = Path(tempfile.mkdtemp(prefix="qusd-matrix-", dir="/run"))
-    path.chmod(0o755)
-    try:
+    with open_dir("qusd-matrix-", "/run") as path:
         yield path
-    finally:
-        shutil.rmtree(path)
 
 
 def qusctl(d: Daemon, *args: str) -> subprocess.CompletedProcess[str]:

@@ -13,14 +13,22 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from qusd import provision
-from tests.conftest import ROOT, Daemon, Sandbox, busybox_path, interpreter, needs_sandbox
+from tests.conftest import (
+    ROOT,
+    Daemon,
+    Sandbox,
+    busybox_path,
+    interpreter,
+    needs_sandbox,
+    open_dir,
+    write_settings,
+)
 
 pytestmark = needs_sandbox
 
@@ -49,17 +57,12 @@ def sha256(path: Path) -> str:
 @pytest.fixture
 def store_root() -> Iterator[Path]:
     """Where the store goes: root's, 755, not under the world-writable /tmp."""
-    path = Path(tempfile.mkdtemp(prefix="qusd-store-", dir="/run"))
-    path.chmod(0o755)
-    try:
+    with open_dir("qusd-store-", "/run") as path:
         yield path
-    finally:
-        shutil.rmtree(path)
 
 
 def daemon_with(workdir: Path, **settings: str) -> Daemon:
-    lines = [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
-    (workdir / "qusd.toml").write_text("[qusd]\n" + "\n".join(lines) + "\n")
+    write_settings(workdir, **settings)
     return Daemon(workdir)
 
 

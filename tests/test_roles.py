@@ -32,7 +32,6 @@ import signal
 import socket
 import stat
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ from tests.conftest import (
     interpreter,
     needs_sandbox,
     python_for,
+    write_settings,
 )
 from tests.test_api import (
     NO_BODY,
@@ -179,31 +179,9 @@ def accounts() -> Iterator[Accounts]:
 # -- daemons ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    """A directory every user can traverse (pytest's tmp_path is 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="qusdt-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return repr(value)
-
-
 def start(workdir: Path, **settings: object) -> Daemon:
     """`qusd --sandbox` with the test groups and settings in workdir/qusd.toml."""
-    lines = [f"{k} = {_toml(v)}" for k, v in {**ROLE_SETTINGS, **settings}.items()]
-    (workdir / "qusd.toml").write_text("[qusd]\n" + "\n".join(lines) + "\n")
+    write_settings(workdir, **{**ROLE_SETTINGS, **settings})
     return Daemon(workdir)
 
 

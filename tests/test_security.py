@@ -33,7 +33,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import zlib
 from collections.abc import Iterator, Sequence
@@ -56,7 +55,9 @@ from tests.conftest import (
     busybox_path,
     interpreter,
     needs_sandbox,
+    open_dir,
     python_for,
+    write_settings,
 )
 from tests.test_api import NO_BODY, PROBLEM_JSON, PYC, WINE, Reply, in_kernel, parse_http, unchanged
 from tests.test_daemon import EnteredDaemon, s390x_record, write_state
@@ -78,9 +79,8 @@ from tests.test_roles import (
 
 pytestmark = needs_sandbox
 
-#: test_roles' fixtures: this run's accounts, and a directory all may enter
+#: test_roles' fixture: this run's accounts
 accounts = test_roles.accounts
-workdir = test_roles.workdir
 
 REG = "/v1/registrations"
 BUILTIN = catalog.builtin()
@@ -127,12 +127,8 @@ def warnings_of(d: Daemon) -> list[dict[str, str]]:
 def closed_dir(prefix: str) -> Iterator[Path]:
     """A fresh root-owned 0755 directory under /opt (every directory above it
     root's and closed to others, as a trusted interpreter's must be)."""
-    path = Path(tempfile.mkdtemp(prefix=f"{prefix}-{RUN}-", dir="/opt"))
-    path.chmod(0o755)
-    try:
+    with open_dir(f"{prefix}-{RUN}-", "/opt") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def run_flood(who: Account, *args: object) -> subprocess.Popen[str]:
@@ -906,8 +902,7 @@ def test_audit_records_reach_the_journal_as_fields(accounts: Accounts, workdir: 
     every audit record arrives with QUSD_* fields, and events with their
     MESSAGE_ID."""
     user = accounts.user
-    lines = [f"{k} = {json.dumps(v)}" for k, v in ROLE_SETTINGS.items()]
-    (workdir / "qusd.toml").write_text("[qusd]\n" + "\n".join(lines) + "\n")
+    write_settings(workdir, **ROLE_SETTINGS)
     sock, journal, log = str(workdir / "qusd.sock"), workdir / "journal.jsonl", workdir / "d.log"
     qusd = [str(Path(sys.executable).parent / "qusd"), "--sandbox", "--socket", sock,
             "--state-dir", str(workdir / "state"),

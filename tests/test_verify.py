@@ -11,14 +11,22 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from qusd import catalog, interpreters, probes, verify
-from tests.conftest import ROOT, Daemon, Sandbox, busybox_path, interpreter, needs_sandbox
+from tests.conftest import (
+    ROOT,
+    Daemon,
+    Sandbox,
+    busybox_path,
+    interpreter,
+    needs_sandbox,
+    open_dir,
+    write_settings,
+)
 
 pytestmark = needs_sandbox
 
@@ -45,17 +53,12 @@ def version_of(path: str) -> str:
 def trusted_dir() -> Iterator[Path]:
     """A directory the trust check accepts (root's, mode 755, under /run):
     pytest's tmp_path is under the world-writable /tmp."""
-    path = Path(tempfile.mkdtemp(prefix="qusd-verify-", dir="/run"))
-    path.chmod(0o755)
-    try:
+    with open_dir("qusd-verify-", "/run") as path:
         yield path
-    finally:
-        shutil.rmtree(path)
 
 
 def daemon_with(workdir: Path, **settings: object) -> Daemon:
-    lines = [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
-    (workdir / "qusd.toml").write_text("[qusd]\n" + "\n".join(lines) + "\n")
+    write_settings(workdir, **settings)
     return Daemon(workdir)
 
 
