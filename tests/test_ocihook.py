@@ -16,6 +16,7 @@ podman as it is.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -373,6 +374,18 @@ class Rootless:
         assert res.returncode == 0, f"podman run {' '.join(args)}: {res.stderr}"
         return res.stdout
 
+    @contextlib.contextmanager
+    def running(self, *args: str) -> Iterator[str]:
+        """A container left running (`podman run -d`, no network) for the
+        block: its id; removed after."""
+        started = self.podman("run", "-d", "--network=none", *args)
+        assert started.returncode == 0, started.stderr
+        cid = started.stdout.strip()
+        try:
+            yield cid
+        finally:
+            self.podman("rm", "--force", "--time", "0", cid)
+
     def reset(self) -> None:
         """A fresh rootless user namespace (no table yet): no container, and
         podman's pause process, which holds the namespace, gone."""
@@ -555,12 +568,7 @@ def test_default_userns_containers_share_one_table_while_it_is_mounted(
     its last mount); containers in namespaces of their own below podman's,
     without a table, fall through to it."""
     rootless.reset()
-    a = rootless.podman(
-        "run", "-d", "--network=none", "--annotation", f"{EMULATE}=aarch64", ARM64, "sleep", "120"
-    )  # fmt: skip
-    assert a.returncode == 0, a.stderr
-    cid = a.stdout.strip()
-    try:
+    with rootless.running("--annotation", f"{EMULATE}=aarch64", ARM64, "sleep", "120") as cid:
         # not annotated, same namespace: the table is there
         assert rootless.ok(ARM64, "uname", "-m") == "aarch64\n"
         # not annotated, a namespace of its own below podman's: exec walks up to it
@@ -569,8 +577,6 @@ def test_default_userns_containers_share_one_table_while_it_is_mounted(
         assert rootless.ok("--annotation", f"{EMULATE}=s390x", S390X, "uname", "-m") == "s390x\n"
         listing = rootless.podman("exec", cid, "ls", "/proc/sys/fs/binfmt_misc")
         assert listing.stdout.split() == ["qemu-aarch64", "qemu-s390x", "register", "status"]
-    finally:
-        rootless.podman("rm", "--force", "--time", "0", cid)
     # the last container that mounted the table is gone, and the table with it
     assert "Exec format error" in rootless.run(ARM64, "uname", "-m").stderr
 
@@ -582,13 +588,9 @@ def test_own_userns_containers_have_their_own_tables(rootless: Rootless) -> None
     rootless.reset()
     before = host_table()
     bb = rootless.shared.busybox("arm64")
-    x = rootless.podman(
-        "run", "-d", "--network=none", "--userns=auto", "--annotation", f"{EMULATE}=aarch64",
-        ARM64, "sleep", "120",
-    )  # fmt: skip
-    assert x.returncode == 0, x.stderr
-    cid = x.stdout.strip()
-    try:
+    with rootless.running(
+        "--userns=auto", "--annotation", f"{EMULATE}=aarch64", ARM64, "sleep", "120"
+    ) as cid:
         y = rootless.run(
             "--userns=auto", "--annotation", f"{EMULATE}=riscv64 s390x",
             "-v", f"{bb}:/arm64/busybox:ro", S390X,
@@ -610,8 +612,6 @@ def test_own_userns_containers_have_their_own_tables(rootless: Rootless) -> None
         # podman's own namespace got no table: a default container cannot run arm64
         assert "Exec format error" in rootless.run(ARM64, "uname", "-m").stderr
         assert host_table() == before
-    finally:
-        rootless.podman("rm", "--force", "--time", "0", cid)
 
 
 @pytest.mark.parametrize("mode", ["auto", "nomap", "keep-id"])
@@ -633,13 +633,9 @@ def test_a_container_with_sys_admin_is_root_of_its_own_table_only(rootless: Root
     it: that changes its own user namespace's table, nobody else's."""
     rootless.reset()
     bb = rootless.shared.busybox("arm64")
-    other = rootless.podman(
-        "run", "-d", "--network=none", "--userns=auto", "--annotation", f"{EMULATE}=aarch64",
-        ARM64, "sleep", "120",
-    )  # fmt: skip
-    assert other.returncode == 0, other.stderr
-    cid = other.stdout.strip()
-    try:
+    with rootless.running(
+        "--userns=auto", "--annotation", f"{EMULATE}=aarch64", ARM64, "sleep", "120"
+    ) as cid:
         script = (
             "mount -o remount,rw /proc/sys/fs/binfmt_misc && "
             "echo -1 > /proc/sys/fs/binfmt_misc/qemu-aarch64 && ls /proc/sys/fs/binfmt_misc; "
@@ -656,8 +652,6 @@ def test_a_container_with_sys_admin_is_root_of_its_own_table_only(rootless: Root
         assert "/arm64/busybox: line 1: syntax error" in res.stderr
         # the other container's table is as the hook left it
         assert rootless.podman("exec", cid, "uname", "-m").stdout == "aarch64\n"
-    finally:
-        rootless.podman("rm", "--force", "--time", "0", cid)
 
 
 @pytest.mark.parametrize(
@@ -716,14 +710,11 @@ def test_f_flag_path_forms(rootless: Rootless) -> None:
     `podman unshare`), against a running container that holds no QEMU (only, at
     IMAGE_ONLY, a file the host lacks)."""
     bb = rootless.shared.busybox("arm64")
-    c = rootless.podman(
-        "run", "-d", "--network=none", "--userns=auto", "--annotation", f"{EMULATE}=s390x",
+    with rootless.running(
+        "--userns=auto", "--annotation", f"{EMULATE}=s390x",
         "-v", f"{bb}:/arm64/busybox:ro", "-v", f"{bb}:{IMAGE_ONLY}:ro", S390X, "sleep", "120",
-    )  # fmt: skip
-    assert c.returncode == 0, c.stderr
-    assert not os.path.exists(IMAGE_ONLY)
-    cid = c.stdout.strip()
-    try:
+    ) as cid:  # fmt: skip
+        assert not os.path.exists(IMAGE_ONLY)
         pid = rootless.podman("inspect", "--format", "{{.State.Pid}}", cid).stdout.strip()
         probe = rootless.top / "fflag_probe.py"
         res = rootless.podman("unshare", SYSTEM_PYTHON, str(probe), pid, AARCH64_QEMU, IMAGE_ONLY)
@@ -747,8 +738,6 @@ def test_f_flag_path_forms(rootless: Rootless) -> None:
         assert (c2, d2) == (f"interpreter {IMAGE_ONLY}", f"interpreter {AARCH64_QEMU}")
         assert re.fullmatch(r"interpreter /proc/self/fd/\d+", e)
         assert rootless.podman("exec", cid, "/arm64/busybox", "uname", "-m").stdout == "aarch64\n"
-    finally:
-        rootless.podman("rm", "--force", "--time", "0", cid)
 
 
 # -- runtimes without hooks: inside `qusctl sandbox` -----------------------------------------
