@@ -447,8 +447,9 @@ class Route:
         async def handle(request: web.Request) -> web.StreamResponse:
             body = None
             try:
-                if self.request_model is not None:
-                    body = await read_body(request, getattr(models(), self.request_model))
+                model = self.request
+                if model is not None:
+                    body = await read_body(request, model)
             finally:  # a refused body is audited too, with what is known
                 if self.audit is not None:
                     request[NAMES] = list(self.audit(request, body))

@@ -408,14 +408,7 @@ class BinfmtMisc:
                     fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dfd)
                 except FileNotFoundError:
                     continue  # removed while listing
-                try:
-                    # the kernel hands the whole file (at most a page) at once
-                    data = os.read(fd, 16384)
-                    while len(data) % 16384 == 0 and (more := os.read(fd, 16384)):
-                        data += more
-                finally:
-                    os.close(fd)
-                found.append((name, data))
+                found.append((name, read_all(fd)))
             return found
         finally:
             os.close(dfd)
@@ -509,6 +502,18 @@ class BinfmtMisc:
             raise KernelError(f"writing {self.path / name} failed: {e.strerror}") from None
         finally:
             self.write_count += 1
+
+
+def read_all(fd: int) -> bytes:
+    """An entry file's bytes, and fd closed. The kernel hands the whole file
+    (at most a page) at the first read."""
+    try:
+        data = os.read(fd, 16384)
+        while len(data) % 16384 == 0 and (more := os.read(fd, 16384)):
+            data += more
+        return data
+    finally:
+        os.close(fd)
 
 
 def _could_be_entry(name: str) -> bool:

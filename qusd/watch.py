@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qusd.binfmt import BinfmtMisc, Entry, Rule
+from qusd.binfmt import BinfmtMisc, Entry, Rule, read_all
 
 log = logging.getLogger("qusd.watch")
 
@@ -227,10 +227,7 @@ class ObservedKernel(BinfmtMisc):
             fd = os.open(self.path / name, os.O_RDONLY | os.O_CLOEXEC)
         except (FileNotFoundError, ValueError):
             return None
-        try:
-            return os.read(fd, 16384)
-        finally:
-            os.close(fd)
+        return read_all(fd)
 
     def version(self) -> tuple[int, int] | None:
         """qusd's writes and the events read, once every queued event is read;
