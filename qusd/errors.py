@@ -313,9 +313,9 @@ class ConfigError(QusdError):
 
 class UnsafeStateError(QusdError):
     """The state directory or file could be changed by someone other than
-    root (or the user running a rootless daemon), or state.json is not a
-    regular file: the daemon does not start (what it restores would be
-    theirs to choose); the message names the fix."""
+    root (or the user running a rootless daemon), or state.json or
+    state.journal is not a regular file: the daemon does not start (what it
+    restores would be theirs to choose); the message names the fix."""
 
     code = "unsafe-state"
     http_status = 500

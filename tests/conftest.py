@@ -304,6 +304,12 @@ class Daemon:
             self._inside = Sandbox(enter=self.pid)
         return self._inside
 
+    def state_files(self) -> dict[str, bytes]:
+        """The bytes of the state's snapshot and journal, to show a change
+        wrote nothing."""
+        files = sorted(self.state_dir.glob("state.j*"))
+        return {p.name: p.read_bytes() for p in files if p.is_file()}
+
     def table(self) -> list[Entry]:
         """The kernel's entries, as the daemon's sandbox sees them."""
         entries: list[Entry] = self.inside.kernel.entries()

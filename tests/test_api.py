@@ -193,16 +193,11 @@ async def api(request: pytest.FixtureRequest, daemon: Daemon) -> AsyncIterator[A
 class Snapshot:
     table: list[Entry]
     enabled: bool
-    state: bytes | None
+    state: dict[str, bytes]
 
 
 def snapshot(daemon: Daemon) -> Snapshot:
-    state = daemon.state_dir / FILENAME
-    return Snapshot(
-        daemon.table(),
-        bool(daemon.inside.kernel.enabled()),
-        state.read_bytes() if state.exists() else None,
-    )
+    return Snapshot(daemon.table(), bool(daemon.inside.kernel.enabled()), daemon.state_files())
 
 
 @contextlib.contextmanager

@@ -511,11 +511,15 @@ def test_corrupt_state_is_moved_aside_and_the_daemon_serves(
 def test_state_write_failure_rolls_back_the_kernel(daemon: Daemon) -> None:
     interpreter("aarch64")
     register(daemon, "arm64")
-    state_before = (daemon.state_dir / "state.json").read_bytes()
+    state_before = daemon.state_files()
     table_before = kernel_defs(daemon)
-    # the daemon's temp file name taken by a directory: every save fails
+    # the journal and the snapshot's temp file name taken by directories:
+    # every save fails, the journal's line and then the snapshot instead
     blocker = daemon.state_dir / f".state.json.{daemon.pid}.tmp"
     blocker.mkdir()
+    journal = daemon.state_dir / "state.journal"
+    journal.unlink()
+    journal.mkdir()
     attempts: list[Callable[[], Any]] = [
         lambda: register(daemon, "s390x"),
         lambda: register(daemon, "arm64", flags="OC", replace=True),
@@ -529,8 +533,9 @@ def test_state_write_failure_rolls_back_the_kernel(daemon: Daemon) -> None:
         assert info.value.details["status"] == 500
         assert "the change was rolled back" in info.value.message
         assert kernel_defs(daemon) == table_before
-        assert (daemon.state_dir / "state.json").read_bytes() == state_before
+        assert daemon.state_files() == {"state.json": state_before["state.json"]}
     blocker.rmdir()
+    journal.rmdir()
     register(daemon, "s390x")
     assert_kernel_matches_state(daemon)
 
@@ -568,12 +573,12 @@ def test_a_refused_second_daemon_leaves_the_state_file_alone(daemon: Daemon) -> 
     interpreter("aarch64")
     register(daemon, "arm64")
     register(daemon, "s390x", persistent=False)
-    before = (daemon.state_dir / "state.json").read_bytes()
+    before = daemon.state_files()
     res = subprocess.run(daemon.argv, capture_output=True, text=True, timeout=60, check=False)
     assert res.returncode == 75, res.stderr
     # the first daemon still manages qemu-s390x; its record must still be there
     assert set(state_records(daemon.state_dir)) == {"qemu-aarch64", "qemu-s390x"}
-    assert (daemon.state_dir / "state.json").read_bytes() == before
+    assert daemon.state_files() == before
 
 
 def test_a_file_that_is_not_a_socket_is_not_removed(tmp_path: Path) -> None:
@@ -747,12 +752,14 @@ def test_state_file_is_replaced_atomically_with_mode_0644(tmp_path: Path) -> Non
         set_enabled(d, "qemu-s390x", False)
         register(d, "ppc64le", persistent=False)
         d.client.request("DELETE", "/v1/registrations/qemu-aarch64")
-        assert sorted(os.listdir(d.state_dir)) == [".lock", "state.json"]  # no temp file left
-        st = os.stat(d.state_dir / "state.json")
-        assert stat.S_IMODE(st.st_mode) == 0o644
-        doc = json.loads((d.state_dir / "state.json").read_text())
-        assert doc["version"] == 1
-        assert [(r["name"], r["enabled"], r["persistent"]) for r in doc["registrations"]] == [
+        # no temp file left
+        assert sorted(os.listdir(d.state_dir)) == [".lock", "state.journal", "state.json"]
+        for name in ("state.json", "state.journal"):
+            assert stat.S_IMODE(os.stat(d.state_dir / name).st_mode) == 0o644
+        assert json.loads((d.state_dir / "state.json").read_text())["version"] == 1
+        assert [
+            (r.rule.name, r.enabled, r.persistent) for r in state_records(d.state_dir).values()
+        ] == [
             ("qemu-s390x", False, True),
             ("qemu-ppc64le", True, False),
         ]

@@ -29,6 +29,7 @@ from qusd import catalog, interchange
 from qusd.binfmt import BinfmtMisc, Rule
 from qusd.client import Client
 from qusd.errors import QusdError
+from qusd.state import State
 from tests.conftest import Daemon, Sandbox, busybox_path, interpreter
 from tests.test_daemon import (  # noqa: F401
     Spawn,
@@ -390,8 +391,7 @@ def test_an_upgraded_interpreter_is_followed(spawn: Spawn, tmp_path: Path) -> No
     reg = d.client.get("/v1/registrations/qemu-aarch64")
     assert reg["interpreter_stale"] is False and reg["managed"] is True
     assert set(defs(d)) == {"qemu-aarch64"}  # the bridge entry is gone
-    assert "interpreter_file" in json.loads((d.state_dir / "state.json").read_text())[
-        "registrations"][0]  # fmt: skip
+    assert State.load(d.state_dir).records["qemu-aarch64"].stamp is not None
 
 
 def swap_while_running(path: str, seconds: float) -> list[str]:

@@ -45,7 +45,7 @@ from qusd.client import Client
 from qusd.config import Config
 from qusd.errors import QusdError
 from qusd.policy import Caller, Policy, Role
-from qusd.state import FILENAME
+from qusd.state import State
 from tests.conftest import (
     NOBODY,
     Daemon,
@@ -280,11 +280,8 @@ def refused(
 
 
 def recorded(d: Daemon) -> dict[str, dict[str, Any]]:
-    """The state file's records by name."""
-    path = d.state_dir / FILENAME
-    if not path.exists():
-        return {}
-    return {r["name"]: r for r in json.loads(path.read_text())["registrations"]}
+    """The state's records by name, as the state file writes them."""
+    return {n: r.to_json() for n, r in State.load(d.state_dir).records.items()}
 
 
 def audit_lines(d: Daemon) -> list[dict[str, str]]:

@@ -45,7 +45,7 @@ import pytest
 from qusd import catalog, errors
 from qusd.binfmt import Rule
 from qusd.events import MESSAGE_IDS
-from qusd.state import FILENAME
+from qusd.state import FILENAME, JOURNAL
 from tests import test_roles
 from tests.conftest import (
     ROOT,
@@ -956,6 +956,7 @@ def test_the_state_directory_must_be_closed(accounts: Accounts, workdir: Path) -
     not a regular file: the daemon refuses to start (78), naming the fix;
     a FIFO no longer hangs it."""
     state = workdir / "state"
+    journal = state / JOURNAL
     good = json.dumps({"version": 1, "registrations": []})
 
     def fresh(mode: int = 0o755, owner: int = 0) -> None:
@@ -965,14 +966,16 @@ def test_the_state_directory_must_be_closed(accounts: Accounts, workdir: Path) -
         os.chown(state, owner, 0)
         (state / FILENAME).write_text(good)
         (state / FILENAME).chmod(0o644)
+        journal.write_bytes(b"")
+        journal.chmod(0o644)
 
     fresh()
     assert start_daemon(workdir, state).returncode == 0
     path = state / FILENAME
 
-    def fifo() -> None:
-        path.unlink()
-        os.mkfifo(path)
+    def fifo(at: Path = path) -> None:
+        at.unlink()
+        os.mkfifo(at)
 
     def symlink() -> None:
         path.unlink()
@@ -988,6 +991,10 @@ def test_the_state_directory_must_be_closed(accounts: Accounts, workdir: Path) -
                                  f"chown root {path}"),
         "FIFO": (fifo, "not a regular file"),
         "symlink": (symlink, "not a regular file"),
+        "group-writable journal": (lambda: journal.chmod(0o664), f"chmod go-w {journal}"),
+        "journal of another user": (lambda: os.chown(journal, accounts.other.uid, 0),
+                                    f"chown root {journal}"),
+        "journal FIFO": (lambda: fifo(journal), "not a regular file"),
     }  # fmt: skip
     for case, (make, fix) in cases.items():
         fresh()

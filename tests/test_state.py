@@ -6,16 +6,23 @@ import errno
 import json
 import os
 import stat
+import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis.strategies import booleans as st_booleans
+from hypothesis.strategies import lists as st_lists
+from hypothesis.strategies import sampled_from as st_sampled_from
 
 from qusd import catalog
+from qusd import state as state_module
 from qusd.binfmt import Rule
 from qusd.errors import StateError, UnsafeStateError
-from qusd.state import FILENAME, VERSION, Record, State
+from qusd.state import FILENAME, JOURNAL, VERSION, Record, State
 
 AARCH64 = catalog.builtin().get("aarch64")
 
@@ -68,23 +75,81 @@ def test_round_trip(tmp_path: Path) -> None:
 def test_save_creates_the_directory_and_replaces_atomically(
     tmp_path: Path, umask_022: None
 ) -> None:
+    """A process's first save writes a snapshot: a new file renamed over the
+    old one, never rewritten in place."""
     directory = tmp_path / "var" / "lib" / "qusd"
-    st = State(directory)
-    st.save(records())
+    State(directory).save(records())
     first = (directory / FILENAME).stat().st_ino
+    st = State.load(directory)
     st.save({"qemu-aarch64": records()["qemu-aarch64"]})
-    assert os.listdir(directory) == [FILENAME]  # no temp file left
+    assert sorted(os.listdir(directory)) == [JOURNAL, FILENAME]  # no temp file left
     info = (directory / FILENAME).stat()
     assert stat.S_IMODE(info.st_mode) == 0o644
-    assert info.st_ino != first  # a new file renamed over the old one, not rewritten in place
+    assert stat.S_IMODE((directory / JOURNAL).stat().st_mode) == 0o644
+    assert info.st_ino != first
+    assert (directory / JOURNAL).read_bytes() == b""  # emptied: all in the snapshot
     assert set(st.records) == {"qemu-aarch64"}
     assert set(State.load(directory).records) == {"qemu-aarch64"}
 
 
-def test_save_failure_raises_and_keeps_the_old_records(tmp_path: Path) -> None:
+def test_later_saves_append_what_changed(tmp_path: Path) -> None:
+    """Among 1000 records, a save writes one journal line the size of the
+    change and leaves the snapshot alone: its cost does not grow with the
+    table."""
+    many = {
+        f"r{i}": Record(Rule(name=f"r{i}", interpreter="/bin/true", magic=b"%d" % i))
+        for i in range(1000)
+    }
+    st = State(tmp_path)
+    st.save(many)
+    snapshot = (tmp_path / FILENAME).stat()
+    assert snapshot.st_size > 200_000
+    new = Record(AARCH64.rule("/usr/bin/qemu-aarch64-static", "F"), target="aarch64")
+    st.save({**many, new.rule.name: new})
+    st.save(many)
+    assert (tmp_path / FILENAME).stat().st_mtime_ns == snapshot.st_mtime_ns
+    lines = (tmp_path / JOURNAL).read_bytes().splitlines()
+    assert len(lines) == 2 and all(len(line) < 600 for line in lines)
+    assert json.loads(lines[0])["put"] == [new.to_json()]
+    assert json.loads(lines[1]) == {"seq": 3, "put": [], "drop": ["qemu-aarch64"]}
+    assert list(State.load(tmp_path).records) == list(many)
+
+
+def test_the_journal_is_compacted_when_it_reaches_the_snapshots_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(state_module, "JOURNAL_MIN", 0)
+    st, base = State(tmp_path), records()
+    st.save(base)
+    size = (tmp_path / FILENAME).stat().st_size
+    saves = 0
+    while (tmp_path / JOURNAL).stat().st_size or saves == 0:
+        st.save({**base, "raw": replace(base["raw"], enabled=saves % 2 == 0)})
+        saves += 1
+        assert (tmp_path / JOURNAL).stat().st_size <= size
+    assert saves > 2  # lines were appended before the snapshot was written anew
+    assert json.loads((tmp_path / FILENAME).read_bytes())["seq"] == st.seq == saves + 1
+    loaded = State.load(tmp_path).records
+    assert [(n, r.enabled) for n, r in loaded.items()] == [
+        (n, r.enabled) for n, r in st.records.items()
+    ]
+
+
+def test_a_change_of_order_writes_a_snapshot(tmp_path: Path) -> None:
+    """The order of the records is the order of registration (newest entry
+    matched first): a save that changes it is not a journal line."""
     st = State(tmp_path)
     st.save(records())
+    backwards = dict(reversed(records().items()))
+    st.save(backwards)
+    assert (tmp_path / JOURNAL).read_bytes() == b""
+    assert list(State.load(tmp_path).records) == list(backwards)
+
+
+def test_save_failure_raises_and_keeps_the_old_records(tmp_path: Path) -> None:
+    State(tmp_path).save(records())
     before = (tmp_path / FILENAME).read_bytes()
+    st = State.load(tmp_path)  # its first save writes a snapshot
     # the temp file's name taken by a directory: the write fails (even for root)
     (tmp_path / f".{FILENAME}.{os.getpid()}.tmp").mkdir()
     with pytest.raises(StateError) as info:
@@ -92,16 +157,17 @@ def test_save_failure_raises_and_keeps_the_old_records(tmp_path: Path) -> None:
     assert info.value.message.startswith(f"cannot write {tmp_path / FILENAME}: ")
     assert info.value.message.endswith("the change was rolled back")
     assert (info.value.exit_status, info.value.http_status, info.value.code) == (74, 500, "state")
-    assert st.records == records()
+    assert st.records == State.load(tmp_path).records == State.load(tmp_path).records
+    assert set(st.records) == set(records())
     assert (tmp_path / FILENAME).read_bytes() == before
 
 
 def test_failure_after_the_write_leaves_no_temp_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    st = State(tmp_path)
-    st.save(records())
+    State(tmp_path).save(records())
     before = (tmp_path / FILENAME).read_bytes()
+    st = State.load(tmp_path)
 
     def no_space(fd: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -110,9 +176,125 @@ def test_failure_after_the_write_leaves_no_temp_file(
     with pytest.raises(StateError, match="No space left on device"):
         st.save({})
     monkeypatch.undo()
-    assert os.listdir(tmp_path) == [FILENAME]
+    assert sorted(os.listdir(tmp_path)) == [JOURNAL, FILENAME]
     assert (tmp_path / FILENAME).read_bytes() == before
-    assert st.records == records()
+    assert set(st.records) == set(records())
+
+
+def test_a_failed_append_is_cut_back_and_a_snapshot_written_instead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = State(tmp_path)
+    st.save(records())
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fdatasync", eio)
+    st.save({"raw": records()["raw"]})
+    monkeypatch.undo()
+    assert (tmp_path / JOURNAL).read_bytes() == b""  # no partial line left behind
+    assert list(State.load(tmp_path).records) == ["raw"]
+    st.save({})  # and the journal works again
+    assert (tmp_path / JOURNAL).read_bytes().count(b"\n") == 1
+    assert State.load(tmp_path).records == {}
+
+
+def test_a_line_torn_by_a_crash_is_a_save_that_never_happened(tmp_path: Path) -> None:
+    st = State(tmp_path)
+    st.save(records())
+    st.save({"raw": records()["raw"]})
+    journal = (tmp_path / JOURNAL).read_bytes()
+    with (tmp_path / JOURNAL).open("ab") as f:
+        f.write(b'{"seq":3,"put":[],"dro')  # the crash came mid-write
+    again = State.load(tmp_path)
+    assert list(again.records) == ["raw"] and again.warnings == []
+    again.save({})  # the first save of a process writes a snapshot and
+    assert (tmp_path / JOURNAL).read_bytes() == b""  # leaves no torn bytes to append after
+    assert journal and State.load(tmp_path).records == {}
+
+
+def test_a_crash_between_snapshot_and_emptied_journal_replays_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    """The journal's lines are numbered, the snapshot holds the last number
+    in it: lines the snapshot already has are skipped (a drop then a put
+    again, replayed, would move the entry to the end: the order matters)."""
+    st = State(tmp_path)
+    st.save(records())
+    st.save({n: r for n, r in records().items() if n != "qemu-aarch64"})
+    st.save({**st.records, "qemu-aarch64": records()["qemu-aarch64"]})
+    journal = (tmp_path / JOURNAL).read_bytes()
+    want = list(st.records)
+    State.load(tmp_path).save(dict(st.records))  # compacts
+    (tmp_path / JOURNAL).write_bytes(journal)  # as if emptying it never reached the disk
+    assert list(State.load(tmp_path).records) == want == ["raw", "DOSWin", "qemu-aarch64"]
+
+
+def test_a_corrupt_journal_line_stops_the_replay_and_is_kept(tmp_path: Path) -> None:
+    st = State(tmp_path)
+    st.save(records())
+    st.save({"raw": records()["raw"]})
+    with (tmp_path / JOURNAL).open("ab") as f:
+        f.write(b'{"seq":3,"put":[{"name":"a/b"}],"drop":[]}\n{"seq":4,"put":[],"drop":["raw"]}\n')
+    content = (tmp_path / JOURNAL).read_bytes()
+    again = State.load(tmp_path)
+    assert list(again.records) == ["raw"]  # the lines before the bad one
+    (aside,) = tmp_path.glob(f"{JOURNAL}.corrupt-*")
+    assert aside.read_bytes() == content
+    (warning,) = again.warnings
+    assert warning.startswith(f"state file {tmp_path / JOURNAL} was corrupt at line 2 (")
+    assert warning.endswith(f"moved to {aside}; starting with the records before it")
+
+
+def test_a_journal_without_its_snapshot_is_set_aside(tmp_path: Path) -> None:
+    """state.json removed by hand means no records: the changes that were
+    made to it are not replayed on nothing."""
+    st = State(tmp_path)
+    st.save(records())
+    st.save({"raw": records()["raw"]})
+    (tmp_path / FILENAME).unlink()
+    again = State.load(tmp_path)
+    assert again.records == {}
+    assert [p.name.split(".corrupt-")[0] for p in tmp_path.glob("*.corrupt-*")] == [JOURNAL]
+    assert "left without its snapshot" in again.warnings[0]
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    saves=st_lists(st_lists(st_sampled_from(["a", "b", "c", "d", "e"]), unique=True), max_size=12),
+    flips=st_lists(st_booleans(), min_size=12, max_size=12),
+    small=st_booleans(),
+)
+def test_load_gives_the_last_save_in_its_order(
+    tmp_path: Path, saves: list[list[str]], flips: list[bool], small: bool
+) -> None:
+    """Whatever the sequence of saves (adds, drops, changes, reorders),
+    with compactions anywhere between them, a load finds the last one."""
+    directory = Path(tempfile.mkdtemp(dir=tmp_path))
+    st = State(directory)
+    base = Rule(name="x", interpreter="/bin/true", magic=b"\x7fELF")
+    last: dict[str, Record] = {}
+    old_min = state_module.JOURNAL_MIN
+    state_module.JOURNAL_MIN = 0 if small else old_min
+    try:
+        for i, names in enumerate(saves):
+            last = {
+                n: Record(replace(base, name=n), enabled=flips[i])
+                if flips[i] or n not in st.records
+                else st.records[n]
+                for n in names
+            }
+            st.save(last)
+            if i % 5 == 4:
+                st = State.load(directory)  # a restart in between
+    finally:
+        state_module.JOURNAL_MIN = old_min
+    loaded = State.load(directory)
+    assert list(loaded.records.items()) == list(last.items())
+    assert loaded.warnings == []
 
 
 def valid_record(**override: Any) -> dict[str, Any]:
@@ -189,16 +371,19 @@ def test_unreadable_file_is_moved_aside(tmp_path: Path, monkeypatch: pytest.Monk
     st = State.load(tmp_path)
     monkeypatch.undo()
     assert st.records == {}
-    (warning,) = st.warnings
-    assert "was unreadable (Input/output error); moved to" in warning
+    assert "was unreadable (Input/output error); moved to" in st.warnings[0]
     assert len(list(tmp_path.glob(f"{FILENAME}.corrupt-*"))) == 1
 
 
+@pytest.mark.parametrize("name", [FILENAME, JOURNAL])
 @pytest.mark.parametrize("kind", ["directory", "FIFO", "symlink"])
-def test_a_state_file_that_is_not_regular_is_refused(tmp_path: Path, kind: str) -> None:
+def test_a_state_file_that_is_not_regular_is_refused(tmp_path: Path, kind: str, name: str) -> None:
     """Opened with O_NONBLOCK|O_NOFOLLOW: a FIFO does not hang the start, a
     symlink is not followed; the daemon refuses to start (78), naming the fix."""
-    path = tmp_path / FILENAME
+    if name == JOURNAL:
+        State(tmp_path).save(records())
+        (tmp_path / JOURNAL).unlink()
+    path = tmp_path / name
     if kind == "directory":
         path.mkdir()
     elif kind == "FIFO":
@@ -221,7 +406,7 @@ def test_the_temporary_file_is_never_followed(tmp_path: Path) -> None:
     State(tmp_path).save(records())
     assert victim.read_text() == "untouched"
     assert set(State.load(tmp_path).records) == set(records())
-    assert sorted(os.listdir(tmp_path)) == [FILENAME, "victim"]
+    assert sorted(os.listdir(tmp_path)) == [JOURNAL, FILENAME, "victim"]
 
 
 def test_owners_and_overrides_round_trip_and_old_records_are_roots(tmp_path: Path) -> None:
