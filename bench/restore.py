@@ -1,7 +1,9 @@
 """The boot restore: `qusd restore` putting the 31 foreign targets back
 into a fresh table, against the real /usr/lib/systemd/systemd-binfmt
-registering the same rules (a binfmt.d file), and against `python -c pass`
-(the floor of any Python tool). Inside one sandbox (a private
+registering the same rules (a binfmt.d file), and against the floor of any
+Python tool: `python -c pass`, and the leanest Python doing systemd-binfmt's
+whole job (Debian's /usr/bin/python3 -I -S, no import at all, writing each
+line of the same binfmt.d file to the register file). Inside one sandbox (a private
 binfmt_misc: nothing on the host changes); every run starts from an empty
 table and is checked to leave every entry there. Target: <= 2.0x
 systemd-binfmt.
@@ -23,6 +25,9 @@ from qusd import sandbox
 from qusd.binfmt import BinfmtMisc
 
 SYSTEMD_BINFMT = "/usr/lib/systemd/systemd-binfmt"
+SYSTEM_PYTHON = "/usr/bin/python3"
+#: systemd-binfmt's job in Python, as lean as Python goes: no module imported
+LEAN = "import sys\nfor line in open(sys.argv[1]):\n    open(sys.argv[2], 'w').write(line)\n"
 
 
 def measure(rounds: int, importtime: bool) -> None:
@@ -57,6 +62,10 @@ def measure(rounds: int, importtime: bool) -> None:
             "qusd restore": (restore, len(rules)),
             "systemd-binfmt": ([SYSTEMD_BINFMT, str(conf)], len(rules)),
             "python -c pass": ([sys.executable, "-c", "pass"], 0),
+            "lean python": (
+                [SYSTEM_PYTHON, "-I", "-S", "-c", LEAN, str(conf), str(kernel.path / "register")],
+                len(rules),
+            ),
         }
 
         def timed(argv: list[str], expect: int) -> dict[str, float]:
@@ -82,6 +91,10 @@ def measure(rounds: int, importtime: bool) -> None:
         print(f"  {name:16s} {harness.span(f['ms'])}")
     print(f"qusd restore / systemd-binfmt: {med['qusd restore'] / med['systemd-binfmt']:.1f}x")
     print(f"qusd restore / python -c pass: {med['qusd restore'] / med['python -c pass']:.2f}x")
+    print(
+        f"lean python (python3 -I -S doing systemd-binfmt's job) / systemd-binfmt: "
+        f"{med['lean python'] / med['systemd-binfmt']:.1f}x"
+    )
     floor = med["python -c pass"] + med["systemd-binfmt"]
     print(
         f"floor for a Python tool (python -c pass + systemd-binfmt's work): {floor:.1f} ms = "
