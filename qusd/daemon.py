@@ -262,11 +262,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         svc = build_service(cfg, sandbox_pid, trust)
         svc.ensure_mounted()
         started = time.perf_counter()
+        svc.take_back_handoff()
         report = svc.restore()
         # for GET /metrics (qusd_restore_duration_seconds)
         setattr(svc, "restore_seconds", time.perf_counter() - started)  # noqa: B010
         log.info("restore: %s", report.summary())
         if sock is None:
+            svc.write_handoff()  # systemd-binfmt's file for the next boot
             return 1 if report.failed else 0
         aioweb.load()  # aiohttp's server, without its client and TLS
         from qusd import server  # noqa: PLC0415 - asyncio, aiohttp: only now

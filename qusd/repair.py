@@ -184,3 +184,42 @@ class Reconciler:
                 level=logging.INFO if changed or actor != QUSD else logging.DEBUG,
             )
         return report
+
+
+class HandoffWriter:
+    """Rewrites the boot hand-off file (qusd/handoff.py) a moment after the
+    state changed: every change is told as an event; the first one starts a
+    short timer, and the file is written in a worker thread when it fires,
+    once for a burst of changes and never on a request's path; the first
+    time just after start (the restore's result). stop() writes it a last
+    time."""
+
+    def __init__(self, svc: Service, delay: float = 0.5) -> None:
+        self.svc = svc
+        self.delay = delay
+        self._timer: asyncio.TimerHandle | None = None
+        self._writes: set[asyncio.Task[bool]] = set()
+        self._unsubscribe: Callable[[], None] | None = None
+
+    def start(self) -> None:
+        self._unsubscribe = self.svc.events.subscribe(self._changed)
+        self._changed(None)
+
+    def _changed(self, _event: object) -> None:
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.delay, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        task = asyncio.create_task(asyncio.to_thread(self.svc.write_handoff))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def stop(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        await asyncio.gather(*self._writes, return_exceptions=True)
+        await asyncio.to_thread(self.svc.write_handoff)

@@ -39,6 +39,7 @@ from qusd.config import Config
 from qusd.errors import BadRequestError, InternalError, QusdError
 from qusd.middleware import GUARD, SERVICE, escaped, log_bad_request, problem_response
 from qusd.policy import Caller, Role
+from qusd.repair import HandoffWriter
 from qusd.service import RestoreReport, Service
 from qusd.text import plural
 
@@ -336,6 +337,8 @@ async def serve(
     )
     reconciler = app[api.RECONCILER]
     reconciler.start()
+    boot_file = HandoffWriter(svc)
+    boot_file.start()
     # SIGHUP: reconcile now (the Debian package's dpkg trigger sends it when
     # a QEMU interpreter was upgraded)
     loop.add_signal_handler(signal.SIGHUP, reconciler.poke, "SIGHUP")
@@ -354,6 +357,7 @@ async def serve(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await runner.cleanup()  # stops accepting, then finishes what is in flight
+        await boot_file.stop()  # after the last change
         if not passed:  # a socket systemd passed is systemd's to remove
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(where)

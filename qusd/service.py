@@ -25,7 +25,7 @@ from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from qusd import __version__, interpreters, table
+from qusd import __version__, handoff, interpreters, table
 from qusd.binfmt import BinfmtMisc, Entry, Rule
 from qusd.catalog import Catalog, Target, family_of, host_machine, is_qemu_entry, wants_all
 from qusd.config import Config
@@ -177,6 +177,10 @@ class Service:
         #: changes in flight in another thread (the API's): readers keep to
         #: the last snapshot meanwhile
         self.busy = 0
+        #: the boot hand-off file as last written, and the state generation
+        #: it was written from
+        self._handoff: tuple[int, str] | None = None
+        self._handoff_lock = threading.Lock()
 
     # -- start-up ---------------------------------------------------------
 
@@ -191,6 +195,49 @@ class Service:
         except QusdError as e:
             self.warnings["not-mounted"] = e.message
             log.error("%s", e.message)
+
+    # -- the boot hand-off (qusd/handoff.py) --------------------------------
+
+    def take_back_handoff(self) -> list[str]:
+        """At start, before the restore: remove the entries the boot file
+        registered that qusd no longer keeps (the file was one change behind
+        when qusd last stopped: a crash before the daemon rewrote it)."""
+        if not self.kernel.is_mounted():
+            return []
+        rules = handoff.read(self.state.directory)
+        entries = {r.name: e for r in rules if (e := self.kernel.get(r.name)) is not None}
+        stale = handoff.leftovers(rules, self.state.records, entries)
+        if not stale:
+            return []
+        with Transaction(self.kernel) as tx:
+            for entry in stale:
+                tx.remove(entry)
+        names = [e.name for e in stale]
+        self.events.emit("unregistered", f"removed {', '.join(names)}: registered at boot from "
+                         f"{self.state.directory / handoff.FILENAME}, which was one change "
+                         "behind; qusd no longer keeps them", names=names)  # fmt: skip
+        return names
+
+    def write_handoff(self) -> bool:
+        """Write the boot hand-off file when the state changed since it was
+        last written and its text with it; True when written. An error is
+        logged (the file is an accelerator: qusd restores at start anyway)."""
+        with self._handoff_lock:
+            generation, records = self.state.generation, self.state.records
+            if self._handoff is not None and self._handoff[0] == generation:
+                return False
+            text = handoff.render(records.values())
+            if self._handoff is not None and self._handoff[1] == text:
+                self._handoff = (generation, text)
+                return False
+            try:
+                handoff.write(self.state.directory, text)
+            except OSError as e:
+                log.warning("cannot write %s: %s", self.state.directory / handoff.FILENAME,
+                            e.strerror)  # fmt: skip
+                return False
+            self._handoff = (generation, text)
+            return True
 
     def restore(self) -> RestoreReport:
         """Bring the kernel in line with the state: register what is missing,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from qusd import handoff
 from tests import test_completion
 from tests.conftest import FOREIGN_DIR, ROOT, needs_sandbox
 
@@ -281,6 +282,12 @@ def test_files(root: Path) -> None:
             f"{installed} differs from {source} (`make deb` rebuilds the package)"
         )
         assert installed.stat().st_mode & 0o7777 == 0o644, installed
+
+    # The boot hand-off (qusd/handoff.py): systemd-binfmt loads the file
+    # qusd keeps in its state directory, after Debian's qemu-*.conf.
+    link = root / handoff.LINK.lstrip("/")
+    assert link.is_symlink(), link
+    assert os.readlink(link) == f"/var/lib/qusd/{handoff.FILENAME}"  # across top dirs: absolute
 
     pages = ("man8/qusd.8", "man1/qusctl.1", "man1/qusd-binfmt.1", "man1/qusd-oci-hook.1",
              "man5/qusd.toml.5", "man1/qus-register.1")  # fmt: skip

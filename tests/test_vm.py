@@ -42,6 +42,7 @@ STEPS = {
         "binfmt-restart",
         "sigkill",
         "watchdog",
+        "handoff",
         "stop-keeps",
         "security",
     ),

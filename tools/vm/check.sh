@@ -203,11 +203,16 @@ check_restored() {
 }
 
 check_journal() {
+    # alice's qemu-aarch64 waits for qusd, which restores it; carol's
+    # qemu-s390x (an admin's) was registered before, by systemd-binfmt from
+    # the file qusd keeps (README: "The boot hand-off"), and qusd adopts it.
     local out
     out=$(journalctl -b -u qusd.service -o cat "MESSAGE_ID=$RESTORED_ID")
     echo "$out"
     grep -q 'qemu-aarch64' <<<"$out" || fail "no restored event for qemu-aarch64"
-    grep -q 'qemu-s390x' <<<"$out" || fail "no restored event for qemu-s390x"
+    journalctl -b -u qusd.service -o cat | grep -F 'restore: restored 1, adopted 1' ||
+        fail "qusd did not adopt qemu-s390x"
+    want "$(systemctl is-active systemd-binfmt.service)" active
 }
 
 check_chroot_f() {
@@ -238,7 +243,7 @@ check_binfmt_restart() {
         echo "round $i: restart took $(span "$t0" "$t1") s; entries back ${back} s after it" \
             "returned, $(span "$t0" "$t2") s after it began"
         journalctl -u qusd.service -o cat --since "@$((t0 / 1000000))" "MESSAGE_ID=$RESTORED_ID" |
-            grep -q qemu-s390x || fail "qusd did not log registering qemu-s390x again"
+            grep -q qemu-aarch64 || fail "qusd did not log registering qemu-aarch64 again"
         le "$back" "$bound" || fail "back ${back} s after the restart, over reconcile_interval + 1 = ${bound} s"
         figures="$figures${figures:+,}$back"
         totals="$totals${totals:+,}$(span "$t0" "$t2")"
@@ -276,6 +281,25 @@ check_watchdog() {
         fail "no watchdog timeout in the journal"
     as_recorded || { show_recorded_diff; fail "entries changed"; }
     as alice qusctl list
+}
+
+check_handoff() {
+    # README "The boot hand-off": systemd-binfmt registers what qusd keeps
+    # (an admin's entries) from qusd's file, with qusd stopped: as at boot.
+    local t0
+    run ls -l /usr/lib/binfmt.d/qusd.conf
+    run cat /var/lib/qusd/binfmt.conf
+    grep -q '^:qemu-s390x:' /var/lib/qusd/binfmt.conf || fail "qemu-s390x is not in the file"
+    if grep -q '^:qemu-aarch64:' /var/lib/qusd/binfmt.conf; then fail "a user's entry is in it"; fi
+    run systemctl stop qusd.socket qusd.service
+    t0=$(now)
+    run systemctl restart systemd-binfmt
+    note "restart_s=$(since "$t0")"
+    same "$REC/qemu-s390x" || { show_recorded_diff; fail "systemd-binfmt did not register qemu-s390x"; }
+    [ ! -e "$BINFMT/qemu-aarch64" ] || fail "qemu-aarch64 is there without qusd"
+    want "$(as alice /usr/local/bin/busybox-s390x uname -m)" s390x
+    run systemctl start qusd.socket qusd.service
+    until_true 60 as_recorded || { show_recorded_diff; fail "qusd did not restore the rest"; }
 }
 
 check_stop_keeps() {
@@ -317,6 +341,7 @@ boot2)
     step binfmt-restart check_binfmt_restart
     step sigkill check_sigkill
     step watchdog check_watchdog
+    step handoff check_handoff
     step stop-keeps check_stop_keeps
     step security check_security
     echo "qusd-vm: done boot2"
