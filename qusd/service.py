@@ -181,6 +181,7 @@ class Service:
         #: it was written from
         self._handoff: tuple[int, str] | None = None
         self._handoff_lock = threading.Lock()
+        self._render_handoff = handoff.Renderer()
 
     # -- start-up ---------------------------------------------------------
 
@@ -226,7 +227,7 @@ class Service:
             generation, records = self.state.generation, self.state.records
             if self._handoff is not None and self._handoff[0] == generation:
                 return False
-            text = handoff.render(records.values())
+            text = self._render_handoff(records.values())
             if self._handoff is not None and self._handoff[1] == text:
                 self._handoff = (generation, text)
                 return False

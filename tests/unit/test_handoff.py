@@ -5,8 +5,12 @@ real systemd-binfmt)."""
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from qusd import handoff
 from qusd.binfmt import Rule
+from qusd.state import Record
 from tests.unit.conftest import ADMIN, USER, World
 
 
@@ -48,3 +52,19 @@ def test_a_stale_files_entries_are_taken_back_and_only_those(world: World) -> No
     assert world.kernel.get("qemu-s390x") is not None
     assert world.kernel.get("qemu-riscv64") is not None
     assert again.take_back_handoff() == []
+
+
+POOL = [
+    Record(Rule(f"r{i}", "/bin/true", magic=b"\x7fELF%d" % i), owned=i % 3 != 0, enabled=i != 4)
+    for i in range(8)
+] + [Record(Rule(f"r{i}", "/bin/false", magic=b"\x7fELF%d" % i), owned=True) for i in range(4)]
+
+
+@given(st.lists(st.lists(st.sampled_from(POOL), unique=True), max_size=8))
+def test_the_kept_lines_give_what_a_fresh_render_does(sequence: list[list[Record]]) -> None:
+    """Whatever the records from one write to the next (added, removed,
+    reordered, replaced), the renderer that keeps lines writes the text a
+    fresh one does."""
+    renderer = handoff.Renderer()
+    for records in sequence:
+        assert renderer(records) == handoff.render(records)
