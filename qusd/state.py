@@ -303,6 +303,7 @@ class State:
             log.warning("cannot append to %s (%s): writing a new snapshot instead",
                         self.journal, e.strerror)  # fmt: skip
             self.seq += 1  # the line may be on disk: its number is not used again
+            self._journal_size = None  # nor appended after, should the snapshot fail
             self._compact(records)
             return
         self.seq += 1
@@ -335,7 +336,7 @@ class State:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o755)
             fd = _create(tmp)
             try:
-                self._snapshot_size = _write_document(fd, lines, seq)
+                size = _write_document(fd, lines, seq)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -347,7 +348,7 @@ class State:
             raise StateError(
                 f"cannot write {self.path}: {e.strerror}; the change was rolled back"
             ) from None
-        self.seq = seq
+        self.seq, self._snapshot_size = seq, size
         self._written, self._lines = written, lines
         self._commit(records)
         # The rename is done: from here on the new snapshot is the truth. The
@@ -387,8 +388,7 @@ class State:
         tail are found by identity, at C speed (a change among a thousand
         records costs what one record does, plus copying the bytes)."""
         old, lines = self._written, self._lines
-        head = _common(new, old)
-        tail = _common(new[head:][::-1], old[head:][::-1])
+        head, tail = _same_ends(new, old)
         middle = [_line(r) for r in new[head : len(new) - tail]]
         return [*lines[:head], *middle, *lines[len(old) - tail :]]
 
@@ -406,8 +406,7 @@ def _diff(
     unchanged head and tail are found by identity at C speed: a change
     among a thousand records costs about what one does."""
     old, new = list(held.values()), list(records.values())
-    head = _common(new, old)
-    tail = _common(new[head:][::-1], old[head:][::-1])
+    head, tail = _same_ends(new, old)
     old_mid = [r.rule.name for r in old[head : len(old) - tail]]
     new_mid = new[head : len(new) - tail]
     puts = [r for r in new_mid if held.get(r.rule.name) is not r]
@@ -420,6 +419,13 @@ def _diff(
 
 def _reason(e: Exception) -> str:
     return e.message if isinstance(e, QusdError) else str(e)
+
+
+def _same_ends(new: list[Record], old: list[Record]) -> tuple[int, int]:
+    """How many leading and (of the rest) trailing items new and old share,
+    the same objects: found at C speed."""
+    head = _common(new, old)
+    return head, _common(new[head:][::-1], old[head:][::-1])
 
 
 def _common(a: list[Record], b: list[Record]) -> int:

@@ -200,6 +200,32 @@ def test_a_failed_append_is_cut_back_and_a_snapshot_written_instead(
     assert State.load(tmp_path).records == {}
 
 
+def test_after_a_failed_append_nothing_is_appended_to_what_it_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The line could not be synced nor cut back, and the snapshot instead
+    failed too: the save fails, and the next one writes a snapshot (and
+    empties the journal) rather than append after a partial line."""
+    st = State(tmp_path)
+    st.save(records())
+
+    def eio(*args: Any) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fdatasync", eio)
+    monkeypatch.setattr(os, "ftruncate", eio)
+    blocker = tmp_path / f".{FILENAME}.{os.getpid()}.tmp"
+    blocker.mkdir()
+    with pytest.raises(StateError):
+        st.save({"raw": records()["raw"]})
+    monkeypatch.undo()
+    blocker.rmdir()
+    assert set(st.records) == set(records())
+    st.save({"DOSWin": records()["DOSWin"]})
+    assert (tmp_path / JOURNAL).read_bytes() == b""
+    assert list(State.load(tmp_path).records) == ["DOSWin"]
+
+
 def test_a_line_torn_by_a_crash_is_a_save_that_never_happened(tmp_path: Path) -> None:
     st = State(tmp_path)
     st.save(records())
