@@ -32,12 +32,11 @@ Standard library only: the boot path writes it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from qusd import paths
 from qusd.binfmt import Entry, Rule
 from qusd.errors import InvalidRuleError
 from qusd.interchange import read_binfmt_d
@@ -108,28 +107,10 @@ def read(directory: Path) -> list[Rule]:
 
 def write(directory: Path, text: str) -> None:
     """Replace the file atomically (a half-written file at boot would
-    register half the rules, or a torn one): temporary file, fsync,
-    rename, fsync of the directory. OSError is the caller's to report."""
-    path = directory / FILENAME
-    tmp = directory / f".{FILENAME}.{os.getpid()}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    register half the rules, or a torn one). OSError is the caller's to
+    report."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o755)
-    fd = os.open(tmp, flags, 0o644)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    except OSError:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    os.close(fd)
-    os.rename(tmp, path)
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    paths.write_atomic(directory / FILENAME, text.encode())
 
 
 def leftovers(

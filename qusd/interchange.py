@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from qusd import paths
 from qusd.binfmt import Rule
 from qusd.catalog import parse_binfmt_d_line, unescape
 from qusd.errors import InvalidRuleError, NoSuchEntryError
@@ -216,10 +217,8 @@ def write_binfmts_import(directory: Path, rule: Rule) -> Path:
 
 
 def _write(directory: Path, name: str, text: str) -> Path:
-    """directory/name, written atomically (temp file, rename)."""
+    """directory/name, written atomically (paths.write_atomic)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
-    tmp = directory / f".{name}.tmp"
-    tmp.write_text(text, errors="surrogateescape")
-    os.replace(tmp, path)
+    paths.write_atomic(path, text.encode(errors="surrogateescape"))
     return path

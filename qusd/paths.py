@@ -16,12 +16,15 @@ Standard library only: the state directory is checked on the boot path.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+import tempfile
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 #: symlinks followed in one lookup at most (the kernel's MAXSYMLINKS)
 MAX_SYMLINKS = 40
@@ -125,3 +128,28 @@ def nodes(path: str) -> tuple[list[Node], int]:
     seen: list[Node] = []
     fd = walk(path, lambda node, _: seen.append(node))
     return seen, fd
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace path with data, all or nothing, also across a crash: a new
+    file (mkstemp: O_EXCL, no symlink followed) beside it, written, fsynced,
+    given mode, renamed over path, and the directory fsynced. A reader
+    (systemd-binfmt at boot, a manifest's next load) finds the old file or
+    the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

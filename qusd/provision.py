@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from qusd import paths
 from qusd.catalog import Target
 from qusd.errors import InterpreterError, UntrustedInterpreterError
 from qusd.interpreters import STORE_DIR
@@ -83,22 +84,7 @@ def manifest(store: str = STORE_DIR) -> dict[str, Installed]:
 
 def _save_manifest(store: str, items: Mapping[str, Installed]) -> None:
     doc = {"version": 1, "interpreters": [items[p].to_json() for p in sorted(items)]}
-    _write_atomic(Path(store) / MANIFEST, json.dumps(doc, indent=1).encode(), 0o644)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    paths.write_atomic(Path(store) / MANIFEST, json.dumps(doc, indent=1).encode())
 
 
 # -- reading a .deb ----------------------------------------------------------------------
