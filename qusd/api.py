@@ -522,6 +522,12 @@ async def _unsubscribe(metrics: Metrics) -> None:
     metrics.unsubscribe()
 
 
+async def _bind_events(app: web.Application) -> None:
+    """Changes run in worker threads (repair.in_thread): their events reach
+    the subscribers (streams, metrics) through this loop, in order."""
+    app[SERVICE].events.bind(asyncio.get_running_loop())
+
+
 def make_app(
     service: Service, config: Config | None = None, caller_of: CallerOf = peer
 ) -> web.Application:
@@ -536,6 +542,7 @@ def make_app(
     app[CALLER_OF] = caller_of
     app[LOCK] = asyncio.Lock()
     app[METRICS] = Metrics(service)
+    app.on_startup.append(_bind_events)
     app.on_cleanup.append(lambda app: _unsubscribe(app[METRICS]))
     app[RECONCILER] = Reconciler(service, app[LOCK], config.reconcile_interval)
     app[STREAMS] = set[stream.Listener]()

@@ -41,8 +41,6 @@ async def in_thread(svc: Service, fn: Callable[P, T], *args: P.args, **kw: P.kwa
     the CPU, not on the loop. Readers keep to the table as it was until the
     call is done (svc.busy). A cancelled caller still waits for the call to
     end, so the lock is held until it does."""
-    loop = asyncio.get_running_loop()
-    svc.events.bind(loop)
     svc.busy += 1
     call = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kw))
     cancelled = False
