@@ -18,7 +18,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -155,6 +155,15 @@ class _KernelProxy:
         if not callable(getattr(BinfmtMisc, name, None)):
             raise AttributeError(name)
         return lambda *a, **kw: self._box.call("kernel", name, *a, **kw)
+
+
+def wait_for(pred: Callable[[], object], what: str, timeout: float = 10) -> None:
+    """Poll pred until it holds; fail naming what did not happen in time."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout}s: {what}")
+        time.sleep(0.05)
 
 
 @pytest.fixture

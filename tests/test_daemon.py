@@ -39,6 +39,7 @@ from tests.conftest import (
     Sandbox,
     busybox_path,
     interpreter,
+    wait_for,
 )
 
 QUSD = str(Path(sys.executable).parent / "qusd")
@@ -116,14 +117,6 @@ def spawn(tmp_path: Path) -> Iterator[Spawn]:
     for d in started:
         if d.proc.poll() is None:
             d.stop(signal.SIGKILL)
-
-
-def wait_for(pred: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout}s: {what}")
-        time.sleep(0.05)
 
 
 def register(d: Daemon, *targets: str, **options: Any) -> Any:

@@ -30,7 +30,7 @@ from qusd.binfmt import BinfmtMisc, Rule
 from qusd.client import Client
 from qusd.errors import QusdError
 from qusd.state import State
-from tests.conftest import Daemon, Sandbox, busybox_path, interpreter
+from tests.conftest import Daemon, Sandbox, busybox_path, interpreter, wait_for
 from tests.test_daemon import (  # noqa: F401
     Spawn,
     aarch64_record,
@@ -136,14 +136,6 @@ def defs(d: Daemon) -> dict[str, Rule]:
     return {e.name: e.rule() for e in d.table()}
 
 
-def until(pred: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout}s: {what}")
-        time.sleep(0.01)
-
-
 # -- run inside the daemon's sandbox ---------------------------------------------
 
 
@@ -238,7 +230,7 @@ def test_qusd_writes_do_not_wake_the_watcher(daemon: Daemon) -> None:
     log = daemon.log.read_text()
     assert "changed by another process" not in log
     daemon.inside.kernel.disable("qemu-aarch64")  # someone else's write is seen
-    until(lambda: "changed by another process: qemu-aarch64" in daemon.log.read_text(),
+    wait_for(lambda: "changed by another process: qemu-aarch64" in daemon.log.read_text(),
           "the watcher saw another process's write")  # fmt: skip
 
 
@@ -254,20 +246,20 @@ def test_every_kind_of_tampering_is_repaired_and_told(spawn: Spawn) -> None:  # 
 
     with stream(d) as s:
         box.kernel.remove_all()  # echo -1 > status
-        until(lambda: defs(d) == want, "entries back after a flush")
+        wait_for(lambda: defs(d) == want, "entries back after a flush")
         kind_for(s, "restored", "qemu-s390x")
 
         box.kernel.set_enabled(False)  # echo 0 > status
-        until(box.kernel.enabled, "binfmt_misc enabled again")
+        wait_for(box.kernel.enabled, "binfmt_misc enabled again")
         kind_for(s, "drift")
         kind_for(s, "restored", message="enabled binfmt_misc again (status 1)")
 
         box.kernel.remove("qemu-aarch64")  # echo -1 > qemu-aarch64
-        until(lambda: defs(d) == want, "qemu-aarch64 back")
+        wait_for(lambda: defs(d) == want, "qemu-aarch64 back")
         n = len([e for e in s.events() if e["kind"] == "restored"])
 
         box.func("tests.test_daemon:swap_in", foreign_aarch64())  # changed by hand
-        until(lambda: defs(d) == want, "qemu-aarch64 taken back")
+        wait_for(lambda: defs(d) == want, "qemu-aarch64 taken back")
         s.wait_for(lambda e: e["kind"] == "restored" and "took back" in e["message"],
                    "taken back")  # fmt: skip
         assert len([e for e in s.events() if e["kind"] == "restored"]) > n
@@ -275,9 +267,9 @@ def test_every_kind_of_tampering_is_repaired_and_told(spawn: Spawn) -> None:  # 
         res = box.run(["umount", path])  # unmounted underneath the daemon
         assert res.returncode == 0, res.stderr
         s.wait_for(lambda e: "was unmounted; mounted it again" in e["message"], "mounted")
-        until(lambda: defs(d) == want, "the table there again")
+        wait_for(lambda: defs(d) == want, "the table there again")
         box.kernel.remove("qemu-s390x")  # and the new mount is watched too
-        until(lambda: defs(d) == want, "qemu-s390x back on the new mount")
+        wait_for(lambda: defs(d) == want, "qemu-s390x back on the new mount")
         assert all(e["actor"] == "qusd" for e in s.events() if e["kind"] == "restored")
     assert d.client.get("/v1/status")["warnings"] == []
 
@@ -308,7 +300,7 @@ def test_sighup_and_post_reconcile_run_it_at_once(spawn: Spawn) -> None:  # noqa
     assert "qemu-aarch64" not in defs(d)  # nothing repairs it by itself
     with stream(d) as s:
         d.proc.send_signal(signal.SIGHUP)
-        until(lambda: "qemu-aarch64" in defs(d), "SIGHUP repaired it")
+        wait_for(lambda: "qemu-aarch64" in defs(d), "SIGHUP repaired it")
         e = kind_for(s, "reconcile", "qemu-aarch64")
         assert "SIGHUP" in e["message"] and e["actor"] == "qusd"
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 from qusd import catalog, handoff
 from qusd.binfmt import Rule
 from qusd.state import Record, State
-from tests.conftest import Daemon, Sandbox, busybox_path, interpreter
+from tests.conftest import Daemon, Sandbox, busybox_path, interpreter, wait_for
 
 SYSTEMD_BINFMT = "/usr/lib/systemd/systemd-binfmt"
 QUSD = str(Path(sys.executable).parent / "qusd")
@@ -115,13 +114,6 @@ def test_what_a_file_one_change_behind_brought_back_is_taken_back(
     assert [r.name for r in handoff.read(state)] == ["qemu-riscv64"]
 
 
-def wait_for(check: object, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "not in time"
-        time.sleep(0.05)
-
-
 def test_the_daemon_keeps_the_file_in_step_and_adopts_it(daemon: Daemon) -> None:
     """Changes through the API reach the file a moment later, off the
     request's path; systemd-binfmt restarting (a flush, then the files)
@@ -135,11 +127,11 @@ def test_the_daemon_keeps_the_file_in_step_and_adopts_it(daemon: Daemon) -> None
     def names() -> list[str]:
         return [r.name for r in handoff.read(daemon.state_dir)]
 
-    wait_for(lambda: names() == ["qemu-aarch64", "qemu-s390x"])
+    wait_for(lambda: names() == ["qemu-aarch64", "qemu-s390x"], "both in the file")
     daemon.client.request("PATCH", "/v1/registrations/qemu-s390x", {"enabled": False})
-    wait_for(lambda: names() == ["qemu-aarch64"])
+    wait_for(lambda: names() == ["qemu-aarch64"], "the disabled one gone from the file")
     daemon.client.request("PATCH", "/v1/registrations/qemu-s390x", {"enabled": True})
-    wait_for(lambda: names() == ["qemu-aarch64", "qemu-s390x"])
+    wait_for(lambda: names() == ["qemu-aarch64", "qemu-s390x"], "both in the file")
     before = files(daemon.inside)
 
     systemd_binfmt(daemon.inside, conf)
@@ -148,7 +140,7 @@ def test_the_daemon_keeps_the_file_in_step_and_adopts_it(daemon: Daemon) -> None
     assert {r["name"]: r["managed"] for r in regs} == {"qemu-aarch64": True, "qemu-s390x": True}
 
     daemon.client.request("DELETE", "/v1/registrations/qemu-aarch64")
-    wait_for(lambda: names() == ["qemu-s390x"])
+    wait_for(lambda: names() == ["qemu-s390x"], "the removed one gone from the file")
     assert daemon.stop() == 0
     assert names() == ["qemu-s390x"]
 

@@ -57,6 +57,7 @@ from tests.conftest import (
     needs_sandbox,
     open_dir,
     python_for,
+    wait_for,
     write_settings,
 )
 from tests.test_api import NO_BODY, PROBLEM_JSON, PYC, WINE, Reply, in_kernel, parse_http, unchanged
@@ -108,13 +109,6 @@ def flush_and_register(rules: Sequence[Rule]) -> None:
         kernel.register(rule)
 
 
-def wait_until(what: str, predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.05)
-
-
 def listing(d: Daemon) -> dict[str, dict[str, Any]]:
     return {r["name"]: r for r in ok(d, None, "GET", REG)}
 
@@ -162,8 +156,8 @@ def test_a_users_replace_gives_no_power_over_the_name(accounts: Accounts, workdi
         d.inside.func("tests.test_daemon:swap_in", roots)  # root, straight to the kernel
         time.sleep(1.0)  # five reconcile rounds
         assert in_kernel(d)["qemu-aarch64"].rule() == roots.normalized(), "qusd fought root"
-        wait_until("the conflict reported",
-                   lambda: [w["code"] for w in warnings_of(d)] == ["conflict"])  # fmt: skip
+        wait_for(lambda: [w["code"] for w in warnings_of(d)] == ["conflict"],
+                 "the conflict reported")  # fmt: skip
         assert listing(d)["qemu-aarch64"]["managed"] is False
         assert recorded(d)["qemu-aarch64"]["owner"] == user.uid  # kept, deferring
 
@@ -241,8 +235,8 @@ def test_an_admins_entry_is_kept_a_users_defers(accounts: Accounts, workdir: Pat
         ours = in_kernel(d)["qemu-aarch64"].rule()
         debian = [debian_rule("aarch64"), debian_rule("s390x"), PYC, WINE]
         d.inside.func("tests.test_security:flush_and_register", debian)
-        wait_until("the admin's entry back",
-                   lambda: in_kernel(d)["qemu-aarch64"].rule() == ours)  # fmt: skip
+        wait_for(lambda: in_kernel(d)["qemu-aarch64"].rule() == ours,
+                 "the admin's entry back")  # fmt: skip
         time.sleep(0.6)
         kernel = in_kernel(d)
         assert kernel["qemu-aarch64"].rule() == ours
@@ -291,7 +285,7 @@ def test_drift_report_leaves_an_admins_entry_and_reports_it(
     with running(workdir, drift="report", **FAST) as d:
         ok(d, admin, "POST", REG, {"targets": ["aarch64"]}, status=201)
         d.inside.func("tests.test_security:flush_and_register", [debian_rule("aarch64")])
-        wait_until("the drift reported", lambda: warnings_of(d) != [])
+        wait_for(lambda: warnings_of(d) != [], "the drift reported")
         time.sleep(0.6)
         assert in_kernel(d)["qemu-aarch64"].rule() == debian_rule("aarch64").normalized()
         (warning,) = warnings_of(d)
@@ -356,8 +350,8 @@ def test_root_and_admins_keep_room(accounts: Accounts, workdir: Path) -> None:
         try:
             # Each user refused once holds its whole share: 40 of 48, 8 kept.
             hogged = [f"uid {who.uid} (pid" for who in (accounts.user, accounts.user2)]
-            wait_until("both users held to their share",
-                       lambda: all(m in d.log.read_text() for m in hogged), timeout=20)  # fmt: skip
+            wait_for(lambda: all(m in d.log.read_text() for m in hogged),
+                     "both users held to their share", timeout=20)  # fmt: skip
             third = run_flood(accounts.other, "hold", d.socket, 1, 1)
             assert flood_result(third) == {"served": 0}
             for who in (accounts.admin, None):
@@ -500,7 +494,7 @@ def test_a_client_that_hangs_up_is_logged_as_gone(daemon: Daemon) -> None:
             s.sendall(b"POST /v1/reset HTTP/1.1\r\nHost: qusd\r\nContent-Type: application/json"
                       b"\r\nContent-Length: 100\r\n\r\n" + b'{"scope":')  # fmt: skip
             time.sleep(0.3)
-        wait_until("the departure logged", lambda: "went away" in daemon.log.read_text())
+        wait_for(lambda: "went away" in daemon.log.read_text(), "the departure logged")
     log = daemon.log.read_text(errors="replace")
     assert "Traceback" not in log and "internal error" not in log, log[-3000:]
     (line,) = [x for x in log.splitlines() if "went away" in x]
@@ -760,7 +754,7 @@ def test_non_utf8_bytes_in_entries_are_shown_losslessly(tmp_path: Path) -> None:
             assert reply.status == 200, str(reply)
             return any("qemu-s390x" in w["message"] for w in reply.json()["warnings"])
 
-        wait_until("the conflict told in /v1/status", told)
+        wait_for(told, "the conflict told in /v1/status")
         (warning,) = http(d.socket, "GET", "/v1/status").json()["warnings"]
         assert "/opt/caf\\xe9/qemu" in warning["message"], warning
         conflict = http_json(d.socket, "POST", REG, {"targets": ["aarch64"]})
@@ -910,9 +904,9 @@ def test_audit_records_reach_the_journal_as_fields(accounts: Accounts, workdir: 
     helper = subprocess.Popen(["unshare", "--mount", "--propagation", "private", sys.executable,
                                "-c", JOURNALD, str(log), str(journal), *qusd])  # fmt: skip
     try:
-        wait_until("the daemon serving",
-                   lambda: os.path.exists(sock)
-                   and request(None, sock, "GET", "/v1/health").status == 200, 30)  # fmt: skip
+        wait_for(lambda: os.path.exists(sock)
+                 and request(None, sock, "GET", "/v1/health").status == 200,
+                 "the daemon serving", 30)  # fmt: skip
         assert request(user, sock, "POST", REG, {"targets": ["aarch64"]}).status == 201
         assert request(user, sock, "DELETE", f"{REG}/x%20uid=0").status == 404
         assert request(user, sock, "POST", "/v1/reset", {"scope": "all"}).status == 403
@@ -920,8 +914,8 @@ def test_audit_records_reach_the_journal_as_fields(accounts: Accounts, workdir: 
         def entries() -> list[dict[str, str]]:
             return [json.loads(x) for x in journal.read_text().splitlines()[1:]]
 
-        wait_until("three audit records",
-                   lambda: sum("QUSD_ACTION" in e for e in entries()) == 3)  # fmt: skip
+        wait_for(lambda: sum("QUSD_ACTION" in e for e in entries()) == 3,
+                 "three audit records")  # fmt: skip
     finally:
         pid = json.loads(journal.read_text().splitlines()[0])["pid"] if journal.exists() else None
         if pid:
