@@ -32,6 +32,7 @@ from qusd.errors import (
     RequestValidationError,
     UnsupportedMediaTypeError,
 )
+from qusd.memo import PerObject
 from qusd.metrics import CONTENT_TYPE, METRICS, Metrics, measure
 from qusd.middleware import (
     BUCKETS,
@@ -93,20 +94,14 @@ class Listing:
     def __init__(self) -> None:
         self._of: tuple[Registration, ...] | None = None
         self._body = b"[]"
-        #: each registration's JSON, by its identity (Service.snapshot keeps
-        #: the same object for an entry that did not change)
-        self._parts: dict[int, tuple[Registration, bytes]] = {}
+        #: each registration's JSON (Service.snapshot keeps the same object
+        #: for an entry that did not change)
+        self._parts = PerObject(views.registration)
 
     def body(self, snap: Snapshot) -> bytes:
         if snap.registrations is not self._of:
-            known, parts, body = self._parts, {}, []
-            for reg in snap.registrations:
-                hit = known.get(id(reg))
-                part = hit[1] if hit is not None and hit[0] is reg else views.registration(reg)
-                parts[id(reg)] = (reg, part)
-                body.append(part)
-            self._body = b"[" + b",".join(body) + b"]"
-            self._parts, self._of = parts, snap.registrations
+            self._body = b"[" + b",".join(self._parts(snap.registrations)) + b"]"
+            self._of = snap.registrations
         return self._body
 
 
