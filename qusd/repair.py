@@ -41,6 +41,8 @@ async def in_thread(svc: Service, fn: Callable[P, T], *args: P.args, **kw: P.kwa
     the CPU, not on the loop. Readers keep to the table as it was until the
     call is done (svc.busy). A cancelled caller still waits for the call to
     end, so the lock is held until it does."""
+    if not svc.busy:
+        svc.busy_from = svc.table_version()  # the table the change finds
     svc.busy += 1
     call = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kw))
     cancelled = False

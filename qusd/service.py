@@ -69,13 +69,18 @@ class Registration:
     kept: bool = False
 
 
+#: the table's (the kernel's version and the state's generation), then the
+#: interpreters' directories' (Service.version)
+Version = tuple[tuple[Hashable, int], Hashable]
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Every entry as qusd sees it, at one moment: the same object for as
     long as nothing it shows has changed."""
 
     #: what it was read at (Service.version), None when that is not known
-    version: Hashable | None
+    version: Version | None
     #: the same tuple for as long as every registration is the same
     registrations: tuple[Registration, ...]
 
@@ -174,9 +179,11 @@ class Service:
         #: the directories of the interpreter files F records hold, by state
         #: generation (an upgrade there makes an entry's interpreter stale)
         self._stamp_dirs: tuple[int, frozenset[str]] | None = None
-        #: changes in flight in another thread (the API's): readers keep to
-        #: the last snapshot meanwhile
+        #: changes in flight in another thread (the API's), and the table's
+        #: version when the first began (table_version): readers keep to the
+        #: last snapshot meanwhile if it was read at that version
         self.busy = 0
+        self.busy_from: tuple[Hashable, int] | None = None
         #: the boot hand-off file as last written, and the state generation
         #: it was written from
         self._handoff: tuple[int, str] | None = None
@@ -504,18 +511,24 @@ class Service:
     def registrations(self) -> list[Registration]:
         return list(self.snapshot().registrations)
 
-    def version(self) -> Hashable | None:
+    def version(self) -> Version | None:
         """A token that moves whenever what registrations() shows may have
         changed: qusd wrote to the table, the watcher saw an event there or
         in an interpreter's directory, the state was saved. None when that
         cannot be told (no watcher: repairs off, or events unavailable)."""
-        known = self.kernel.version()
-        if known is None:
+        table = self.table_version()
+        if table is None:
             return None
         files = self._stamp_version()
         if files is None:
             return None
-        return (known, files, self.state.generation)
+        return (table, files)
+
+    def table_version(self) -> tuple[Hashable, int] | None:
+        """version()'s first part, the table's and the state's, without the
+        interpreters' directories: cheap enough to take before every change."""
+        known = self.kernel.version()
+        return None if known is None else (known, self.state.generation)
 
     def _stamp_version(self) -> Hashable | None:
         """How many times the directories of the interpreters F records
@@ -536,9 +549,17 @@ class Service:
         (without a version: read, and the last snapshot kept when it shows
         the same), so that whoever serializes it may keep what it made.
         settled: while a change is in flight in another thread, the last
-        snapshot (the table before it), never one read halfway."""
+        snapshot, never one read halfway, if it shows the table the change
+        found (busy_from); one older than changes already answered would
+        contradict them, so the table is read then."""
         last = self._snapshot
-        if settled and self.busy and last is not None:
+        if (
+            settled
+            and self.busy
+            and last is not None
+            and last.version is not None
+            and last.version[0] == self.busy_from
+        ):
             return last
         version = self.version()
         if version is not None and last is not None and last.version == version:

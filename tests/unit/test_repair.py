@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,12 @@ from qusd.binfmt import Rule
 from qusd.errors import InvalidRuleError
 from qusd.events import Events
 from qusd.interpreters import FileId
+from qusd.repair import in_thread
 from qusd.service import SWAP_NAME, RestoreReport
 from qusd.state import Record, State
 from qusd.watch import IN_DELETE, IN_IGNORED, IN_MODIFY, IN_UNMOUNT, Notice, OwnWrites, TableWatch
-from tests.unit.conftest import CAT, World
+from tests.unit.conftest import ADMIN, CAT, World
+from tests.unit.fake_kernel import FakeKernel
 from tests.unit.test_api import MakeClient, client_for
 from tests.unit.test_service import events, recorded, rule
 
@@ -293,3 +296,46 @@ def test_record_stamp_survives_the_state_file(tmp_path: Path) -> None:
     State(tmp_path).save({"x": r, "y": replace(r, rule=replace(r.rule, name="y"), stamp=None)})
     back = State.load(tmp_path).records
     assert back["x"].stamp == FileId(1, 2, 3, 4, 5) and back["y"].stamp is None
+
+
+# -- reads while a change is in flight -----------------------------------------------------
+
+
+class WatchedKernel(FakeKernel):
+    """A fake kernel as a watched one looks to the service: its version
+    moves with every write (ObservedKernel: qusd's writes and the events)."""
+
+    def version(self) -> tuple[int, int] | None:
+        return (len(self.writes), 0)
+
+    def watch_files(self, directories: frozenset[str]) -> int | None:
+        return 0
+
+
+async def test_a_read_during_a_change_never_shows_less_than_a_change_already_answered(
+    world: World,
+) -> None:
+    """A read while a change runs in its thread is answered from the last
+    snapshot only if that shows the table the change found; one taken
+    before changes that were since answered (here: before a registration)
+    would contradict what the client was told, so the table is read."""
+    world.kernel = WatchedKernel()
+    svc = world.service()
+    assert svc.snapshot().registrations == ()  # as the daemon's start takes one
+    svc.register_targets(ADMIN, ["arm64"])  # answered: the client knows it is there
+    started, release = threading.Event(), threading.Event()
+
+    def in_flight() -> None:  # a reconcile, say, that takes its time
+        started.set()
+        release.wait(10)
+
+    call = asyncio.ensure_future(in_thread(svc, in_flight))
+    await asyncio.to_thread(started.wait, 10)
+    try:
+        seen = [r.entry.name for r in svc.snapshot(settled=True).registrations]
+        assert seen == ["qemu-aarch64"]
+        # and a snapshot that does show the table the change found is kept
+        assert svc.snapshot(settled=True) is svc.snapshot(settled=True)
+    finally:
+        release.set()
+        await call
