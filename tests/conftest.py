@@ -157,12 +157,18 @@ class _KernelProxy:
         return lambda *a, **kw: self._box.call("kernel", name, *a, **kw)
 
 
-def wait_for(pred: Callable[[], object], what: str, timeout: float = 10) -> None:
-    """Poll pred until it holds; fail naming what did not happen in time."""
+def wait_for(
+    pred: Callable[[], object],
+    what: str,
+    timeout: float = 10,
+    explain: Callable[[], str] | None = None,
+) -> None:
+    """Poll pred until it holds; fail naming what did not happen in time (and
+    what explain() says of the moment, when given)."""
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout}s: {what}")
+            pytest.fail(f"not within {timeout}s: {what}" + (f"\n{explain()}" if explain else ""))
         time.sleep(0.05)
 
 

@@ -350,8 +350,17 @@ def test_root_and_admins_keep_room(accounts: Accounts, workdir: Path) -> None:
         try:
             # Each user refused once holds its whole share: 40 of 48, 8 kept.
             hogged = [f"uid {who.uid} (pid" for who in (accounts.user, accounts.user2)]
+
+            def moment() -> str:
+                floods = [
+                    f"uid {w.uid}: exit {h.poll()}"
+                    for w, h in zip((accounts.user, accounts.user2), hogs, strict=True)
+                ]
+                tail = d.log.read_text(errors="replace").splitlines()[-40:]
+                return "; ".join(floods) + "\nthe daemon's log ends:\n" + "\n".join(tail)
+
             wait_for(lambda: all(m in d.log.read_text() for m in hogged),
-                     "both users held to their share", timeout=20)  # fmt: skip
+                     "both users held to their share", timeout=20, explain=moment)  # fmt: skip
             third = run_flood(accounts.other, "hold", d.socket, 1, 1)
             assert flood_result(third) == {"served": 0}
             for who in (accounts.admin, None):
